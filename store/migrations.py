@@ -1,0 +1,173 @@
+"""Ordered, transactional schema migrations (sqlite-utils 4 ``Migrations``).
+
+Each function runs inside one transaction together with the record that it ran, so a
+crash mid-migration leaves the schema as it was. Never edit a released migration: add
+a new one below it.
+"""
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("seal")
+
+
+@migrations(name="0001_ingest")
+def ingest_tables(db: Database) -> None:
+    db["documents"].create(
+        {
+            "id": int,
+            "sha256": str,  # of the document's normalised text: duplicate detection
+            "source": str,  # path as given, or "-" for stdin
+            "title": str,
+            "kind": str,  # txt | md | json | jsonl
+            "bytes": int,
+            "n_passages": int,
+            "ingested_at": float,
+        },
+        pk="id",
+        not_null=["sha256", "source", "kind", "ingested_at"],
+    )
+    db["documents"].create_index(["sha256"], unique=True)
+    db["passages"].create(
+        {
+            "id": int,
+            "document_id": int,
+            "seq": int,  # order within the document
+            "title": str,
+            "text": str,
+            "sha256": str,
+            "n_tokens": int,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("document_id", "documents", "id")],
+        not_null=["document_id", "seq", "text", "sha256"],
+    )
+    db["passages"].create_index(["sha256"], unique=True)
+    db["questions"].create(
+        {
+            "id": int,
+            "passage_id": int,
+            "question": str,
+            "answer": str,
+            "origin": str,  # user | self
+            "role": str,  # reward | probe | None (not yet split)
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("passage_id", "passages", "id")],
+        not_null=["passage_id", "question", "answer", "origin"],
+    )
+    db["questions"].create_index(["passage_id"])
+    db["jobs"].create(
+        {
+            "id": int,
+            "passage_id": int,
+            "kind": str,  # learn
+            "state": str,  # pending | claimed | done | failed
+            "attempts": int,
+            "claimed_by": str,
+            "heartbeat_at": float,
+            "error": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+        foreign_keys=[("passage_id", "passages", "id")],
+        not_null=["passage_id", "kind", "state", "attempts", "created_at"],
+        defaults={"attempts": 0},
+    )
+    db["jobs"].create_index(["state", "id"])
+    db["events"].create(
+        {"id": int, "at": float, "kind": str, "detail": str},
+        pk="id",
+        not_null=["at", "kind"],
+    )
+    db["state"].create({"key": str, "value": str}, pk="key")
+
+
+@migrations(name="0002_learning")
+def learning_tables(db: Database) -> None:
+    db["adapters"].create(
+        {
+            "id": str,  # e.g. knowledge-0003
+            "name": str,  # knowledge | editor
+            "version": int,
+            "parent_id": str,
+            "kind": str,  # wake | sleep
+            "passage_id": int,
+            "path": str,  # relative to the home's adapters/ folder
+            "sha256": str,  # of adapter_model.safetensors
+            "policy": str,
+            "reward": float,
+            "metrics": str,  # JSON
+            "status": str,  # committed | rolled_back | pruned
+            "created_at": float,
+        },
+        pk="id",
+        not_null=["name", "version", "kind", "path", "sha256", "status", "created_at"],
+    )
+    db["adapters"].create_index(["name", "version"], unique=True)
+    db["cycles"].create(
+        {
+            "id": int,
+            "passage_id": int,
+            "job_id": int,
+            "started_at": float,
+            "finished_at": float,
+            "outcome": str,  # committed | rejected | failed
+            "reason": str,
+            "parent_adapter": str,
+            "adapter_id": str,
+            "baseline_logprob": float,
+            "baseline_acc": float,
+            "n_reward": int,
+            "n_probe": int,
+            "timings": str,  # JSON: step -> seconds
+            "tokens": str,  # JSON: step -> tokens
+        },
+        pk="id",
+        not_null=["passage_id", "started_at"],
+    )
+    db["candidates"].create(
+        {
+            "id": int,
+            "cycle_id": int,
+            "passage_id": int,
+            "policy": str,
+            "idx": int,
+            "text": str,
+            "prompt": str,
+            "n_tokens": int,
+            "n_examples": int,
+            "reward_logprob": float,  # mean gain in answer log-likelihood over baseline
+            "reward_acc": float,  # closed-book accuracy on reward questions
+            "reward_f1": float,
+            "train_loss": float,
+            "gen_seconds": float,
+            "train_seconds": float,
+            "score_seconds": float,
+            "chosen": int,
+            "note": str,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("cycle_id", "cycles", "id")],
+        not_null=["cycle_id", "passage_id", "policy", "idx", "created_at"],
+    )
+    db["candidates"].create_index(["passage_id"])
+    db["evaluations"].create(
+        {
+            "id": int,
+            "adapter_id": str,  # NULL = the base model
+            "passage_id": int,
+            "kind": str,  # probe | reward
+            "accuracy": float,
+            "f1": float,
+            "logprob": float,  # mean answer log-likelihood per token
+            "n": int,
+            "at": float,
+        },
+        pk="id",
+        not_null=["kind", "n", "at"],
+    )
+    db["evaluations"].create_index(["adapter_id", "passage_id"])
