@@ -320,3 +320,12 @@ class Runtime:
         finally:
             self.model.train(was_training)
         return out
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Only the tokenizer (for counting tokens at ingest time, without the weights)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    folder, _ = resolve_model_dir(cfg)
+    return AutoTokenizer.from_pretrained(str(folder))
