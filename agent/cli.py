@@ -17,8 +17,18 @@ from rich.logging import RichHandler
 
 from store import Store
 
-from .config import Config, ConfigError, config_items, load_config, parse_overrides, resolve_home, to_toml
+from .config import (
+    Config,
+    ConfigError,
+    config_items,
+    load_config,
+    parse_overrides,
+    resolve_home,
+    to_toml,
+)
 from .home import Home
+from .ingest import STDIN, IngestError
+from .ingest import prepare as prepare_documents
 from .runtime import ModelError, Runtime
 
 log = logging.getLogger(__name__)
@@ -152,6 +162,67 @@ def ask(app: App, question: str, context_file: str | None, title: str | None, ma
     prompt = rt.chat(answer_prompt(question.strip(), title=title, context=context))
     (gen,) = rt.generate([prompt], max_new_tokens=max_tokens)
     click.echo(gen.text)
+
+
+# ---------------------------------------------------------------------------- ingest
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="FILE...|DIR|-")
+@click.option(
+    "--questions",
+    "questions_file",
+    metavar="QA.jsonl",
+    help='questions to learn against: JSONL lines of {"question", "answer"[, "title"]}; '
+    "each goes to the passage that contains its answer",
+)
+@click.option("--title", help="title of the text documents (default: a leading '# Heading', else the file name)")
+@pass_app
+def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: str | None) -> None:
+    """Add documents and queue their passages for learning.
+
+    Reads .txt and .md files, SEAL/SQuAD-style .json (a list of records, or one) and
+    .jsonl (a record a line) with "title", "context" and "questions"
+    [{"question", "answer"}], every such file in a folder (recursively), or text from
+    stdin with -. Nothing is stored unless every input is good; once this returns,
+    what it reports is durably stored. Content ingested before is reported as a
+    duplicate and not queued again.
+    """
+    if STDIN in paths and sys.stdin is not None and sys.stdin.isatty():
+        err.print("reading a document from stdin (end it with Ctrl-D)")
+    try:
+        docs = prepare_documents(
+            paths,
+            cfg=app.cfg.ingest,
+            model=app.cfg.model,
+            title=title,
+            questions=questions_file,
+            stdin=lambda: click.get_binary_stream("stdin"),
+        )
+    except IngestError as e:
+        fail(str(e))
+    outcomes = app.store.ingest(docs)
+    new_docs = dup_docs = passages = questions = 0
+    for doc, o in zip(docs, outcomes, strict=True):
+        # Only --questions can make the user expect new questions on known text.
+        offered = sum(len(p.questions) for p in doc.passages) if questions_file else 0
+        dropped = f"; its {offered} question(s) were not added" if offered else ""
+        if o.status == "duplicate":
+            dup_docs += 1
+            click.echo(f"duplicate: {o.source} (already ingested from {o.duplicate_of}{dropped})")
+        elif o.passages_added == 0:
+            dup_docs += 1
+            click.echo(f"duplicate: {o.source} (every passage was already ingested{dropped})")
+        else:
+            new_docs += 1
+            passages += o.passages_added
+            questions += o.questions_added
+            known = f", {o.passages_duplicate} already known" if o.passages_duplicate else ""
+            click.echo(
+                f"new: {o.source} {doc.title!r}: {o.passages_added} passage(s){known}, {o.questions_added} question(s)"
+            )
+    if new_docs == 0:
+        fail(f"nothing new to ingest: {dup_docs} duplicate document(s)")
+    skipped = f"; {dup_docs} duplicate document(s) skipped" if dup_docs else ""
+    click.echo(f"ingested {new_docs} document(s): {passages} passage(s), {questions} question(s) queued{skipped}")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m agent.cli`
