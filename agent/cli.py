@@ -6,6 +6,7 @@ stderr and a non-zero exit; tracebacks are for bugs.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -14,8 +15,11 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
 
 from store import Store
+from store.db import JOB_STATES
 
 from .config import (
     Config,
@@ -223,6 +227,58 @@ def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: 
         fail(f"nothing new to ingest: {dup_docs} duplicate document(s)")
     skipped = f"; {dup_docs} duplicate document(s) skipped" if dup_docs else ""
     click.echo(f"ingested {new_docs} document(s): {passages} passage(s), {questions} question(s) queued{skipped}")
+
+
+# ----------------------------------------------------------------------------- queue
+@main.command()
+@click.option("--all", "show_all", is_flag=True, help="list done jobs too")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (counts and jobs)")
+@click.option("--limit", default=50, show_default=True, help="list at most this many jobs (0 = all)")
+@pass_app
+def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
+    """What is waiting to be learned: jobs by state, and the counts of each state."""
+    states = JOB_STATES if show_all else ("pending", "claimed", "failed")
+    if app.home.store_file.exists():
+        counts = app.store.queue_summary()
+        jobs = app.store.jobs(states, limit=limit if limit > 0 else -1)
+    else:  # nothing ingested yet: a read-only command does not create the store
+        counts, jobs = dict.fromkeys(JOB_STATES, 0), []
+    listed = sum(counts[s] for s in states)
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "jobs": jobs, "truncated": len(jobs) < listed}, indent=2))
+        return
+    click.echo("queue: " + ", ".join(f"{counts[s]} {s}" for s in JOB_STATES))
+    if not jobs:
+        return
+    table = Table(box=None, pad_edge=False)
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    # One line per job within the console's width (80 when piped): the numeric columns
+    # take ~31 characters, the title and the note share the rest.
+    with_notes = any(j["state"] in ("failed", "claimed") or j["error"] for j in jobs)
+    room = max(out.width - 33, 24)
+    title_w = min(40, room) if not with_notes else room // 2
+    table.add_column("passage", no_wrap=True, overflow="ellipsis", max_width=title_w)
+    if with_notes:
+        table.add_column("error / worker", no_wrap=True, overflow="ellipsis", max_width=room - title_w)
+    style = {"pending": "", "claimed": "yellow", "done": "green", "failed": "red"}
+    for j in jobs:
+        row = [str(j["id"]), Text(j["state"], style=style.get(j["state"], "")), str(j["attempts"])]
+        row += [str(j["n_tokens"] or ""), Text(j["title"] or "(untitled)")]
+        if with_notes:
+            note = j["error"] or (f"by {j['claimed_by']}" if j["state"] == "claimed" and j["claimed_by"] else "")
+            row.append(Text(" ".join(note.split())))
+        table.add_row(*row)
+    if out.is_terminal:
+        out.print(table)
+    else:  # plain text for pipes and files: no trailing padding
+        with out.capture() as cap:
+            out.print(table)
+        click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
+    if len(jobs) < listed:
+        click.echo(f"... {listed - len(jobs)} more (--limit 0 lists all)")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m agent.cli`

@@ -1,0 +1,79 @@
+"""`seal queue`: counts by state, the job table (80 columns, plain when piped), JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from store import Store
+
+
+@pytest.fixture(autouse=True)
+def _session_tokenizer(monkeypatch, tokenizer):
+    monkeypatch.setattr("agent.ingest.load_tokenizer", lambda model_cfg: tokenizer)
+
+
+LONG_TITLE = "The Remarkably Long and Winding History of the Floating Library of Velmoor on Lake Quillon"
+
+
+@pytest.fixture
+def queued(seal, home: Path, tmp_path: Path) -> Path:
+    """Four passages: one done, one failed, one claimed, one pending."""
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        title = LONG_TITLE if name == "delta" else name.title()
+        (tmp_path / f"{name}.md").write_text(f"# {title}\n\nFact number {i} about {name}.\n", encoding="utf-8")
+    r = seal("ingest", tmp_path)
+    assert r.exit_code == 0, r.output
+    with Store(home / "store.db") as s:
+        a = s.claim_next("w1", now=1.0)
+        s.finish_job(a.id, now=2.0)
+        b = s.claim_next("w1", now=3.0)
+        s.fail_job(b.id, "CUDA out of memory while training the trial adapter\nsecond line", max_attempts=1, now=4.0)
+        s.claim_next("worker-7", now=5.0)
+    return home
+
+
+def test_queue_lists_open_jobs_with_counts(seal, queued):
+    r = seal("queue")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == "queue: 1 pending, 1 claimed, 1 done, 1 failed"
+    assert all(len(line) <= 80 for line in lines), r.stdout
+    assert all(line == line.rstrip() for line in lines)
+    assert "\x1b[" not in r.stdout  # no colour codes when not a terminal
+    body = "\n".join(lines[1:])
+    assert "Alpha" not in body  # done: only with --all
+    assert "Beta" in body and "failed" in body and "CUDA out of memory" in body
+    assert "Delta" not in body and "The Remarkably Long" in body and "…" in body  # truncated title
+    assert "by worker-7" in body
+
+
+def test_queue_all_includes_done(seal, queued):
+    r = seal("queue", "--all")
+    assert r.exit_code == 0
+    assert "Alpha" in r.stdout and "done" in r.stdout.split("\n", 1)[1]
+
+
+def test_queue_json(seal, queued):
+    data = json.loads(seal("queue", "--json").stdout)
+    assert data["counts"] == {"pending": 1, "claimed": 1, "done": 1, "failed": 1}
+    assert [j["state"] for j in data["jobs"]] == ["failed", "claimed", "pending"]
+    assert data["jobs"][0]["error"].startswith("CUDA out of memory")
+    assert {"id", "attempts", "title", "n_tokens", "source"} <= set(data["jobs"][0])
+    assert data["truncated"] is False
+    assert len(json.loads(seal("queue", "--json", "--all").stdout)["jobs"]) == 4
+
+
+def test_queue_limit(seal, queued):
+    r = seal("queue", "--all", "--limit", "2")
+    assert r.exit_code == 0
+    assert r.stdout.rstrip().endswith("... 2 more (--limit 0 lists all)")
+
+
+def test_queue_on_empty_home_creates_nothing(seal, home):
+    r = seal("queue")
+    assert r.exit_code == 0
+    assert r.stdout.strip() == "queue: 0 pending, 0 claimed, 0 done, 0 failed"
+    assert not (home / "store.db").exists()
