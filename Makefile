@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	rm -rf $(DEMO_HOME)
-	$(SEAL) --home $(DEMO_HOME) ingest examples/
+	$(SEAL) --home $(DEMO_HOME) ingest examples/docs/ --questions examples/questions.jsonl
 	$(SEAL) --home $(DEMO_HOME) queue
-	$(SEAL) --home $(DEMO_HOME) ask --title "Moon" "What is the Moon made of?"
+	$(SEAL) --home $(DEMO_HOME) ask --title "Velmoor" "Who founded Velmoor?"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
