@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,3 +333,71 @@ class Store:
     def set_state(self, key: str, value: str) -> None:
         with self.db.atomic():
             self.db["state"].upsert({"key": key, "value": value}, pk="key")
+
+    # ----------------------------------------------------------------------- adapters
+    # Adapter versions and the active pointer of each adapter name (state key
+    # ``active.<name>``). The files are written before any of this runs; a row exists
+    # only for a completely written adapter folder.
+    @staticmethod
+    def _adapter_row(row: dict | None) -> dict | None:
+        if row is not None and isinstance(row.get("metrics"), str):
+            row["metrics"] = json.loads(row["metrics"])
+        return row
+
+    def add_adapter(
+        self,
+        row: dict,
+        activate: bool,
+        also: Callable[[], object] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Insert an adapter version and, if ``activate``, point ``active.<name>`` at
+        it: in one transaction, together with whatever ``also`` writes (it runs inside
+        that transaction; if it raises, none of it is kept)."""
+        at = _now(now)
+        row = {"status": "committed", "created_at": at, **row}
+        if not isinstance(row.get("metrics"), str | None):
+            row["metrics"] = json.dumps(row["metrics"])
+        with self.db.atomic():
+            self.db["adapters"].insert(row)
+            if activate:
+                previous = self.get_state(f"active.{row['name']}")
+                self.db["state"].upsert({"key": f"active.{row['name']}", "value": row["id"]}, pk="key")
+                self._event("commit", {"id": row["id"], "name": row["name"], "previous": previous}, at)
+            if also is not None:
+                also()
+
+    def adapter(self, adapter_id: str) -> dict | None:
+        return self._adapter_row(self._one("SELECT * FROM adapters WHERE id = ?", [adapter_id]))
+
+    def adapters(self, name: str | None = None) -> list[dict]:
+        if name is None:
+            rows = self._rows("SELECT * FROM adapters ORDER BY name, version")
+        else:
+            rows = self._rows("SELECT * FROM adapters WHERE name = ? ORDER BY version", [name])
+        return [self._adapter_row(r) for r in rows]
+
+    def active_adapter_id(self, name: str) -> str | None:
+        return self.get_state(f"active.{name}")
+
+    def set_active(self, name: str, adapter_id: str, now: float | None = None) -> None:
+        """Point ``active.<name>`` at an existing version (rollback, or forward again).
+        Versions newer than it that were committed are marked rolled_back; it is marked
+        committed. Records an 'activate' event."""
+        at = _now(now)
+        with self.db.atomic():
+            row = self._one("SELECT name, version FROM adapters WHERE id = ?", [adapter_id])
+            if row is None or row["name"] != name:
+                raise KeyError(f"no {name} adapter {adapter_id!r}")
+            previous = self.get_state(f"active.{name}")
+            self.db.execute(
+                "UPDATE adapters SET status = 'rolled_back' WHERE name = ? AND version > ? AND status = 'committed'",
+                [name, row["version"]],
+            )
+            self.db.execute("UPDATE adapters SET status = 'committed' WHERE id = ?", [adapter_id])
+            self.db["state"].upsert({"key": f"active.{name}", "value": adapter_id}, pk="key")
+            self._event("activate", {"id": adapter_id, "name": name, "previous": previous}, at)
+
+    def next_version(self, name: str) -> int:
+        row = self._one("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM adapters WHERE name = ?", [name])
+        return int(row["v"]) if row else 1
