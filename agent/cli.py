@@ -48,6 +48,7 @@ class App:
     cfg: Config
     _store: Store | None = field(default=None, repr=False)
     _runtime: Runtime | None = field(default=None, repr=False)
+    _learner: object = field(default=None, repr=False)
 
     @property
     def store(self) -> Store:
@@ -62,6 +63,18 @@ class App:
             with err.status(f"loading model {self.cfg.model.path or '(default: SmolLM2-135M-Instruct)'}..."):
                 self._runtime = Runtime.load(self.cfg.model)
         return self._runtime
+
+
+    @property
+    def learner(self):
+        from adapters.registry import AdapterRegistry
+
+        from .wake import Learner
+
+        if self._learner is None:
+            registry = AdapterRegistry(self.home.adapters, self.store)
+            self._learner = Learner(self.runtime, self.store, registry, self.cfg.lora, self.cfg.policies, self.cfg.wake)
+        return self._learner
 
 
 pass_app = click.make_pass_decorator(App)
@@ -163,6 +176,8 @@ def ask(app: App, question: str, context_file: str | None, title: str | None, ma
         if not context:
             fail(f"{context_file}: the file is empty")
     rt = app.runtime
+    if app.home.store_file.exists() and app.learner.registry.active("knowledge"):
+        app.learner.model.set_adapter("knowledge")  # answer from what was learned
     prompt = rt.chat(answer_prompt(question.strip(), title=title, context=context))
     (gen,) = rt.generate([prompt], max_new_tokens=max_tokens)
     click.echo(gen.text)
@@ -209,10 +224,10 @@ def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: 
         # Only --questions can make the user expect new questions on known text.
         offered = sum(len(p.questions) for p in doc.passages) if questions_file else 0
         dropped = f"; its {offered} question(s) were not added" if offered else ""
-        if o.status == "duplicate":
+        if o.status == "duplicate" and o.duplicate_of:
             dup_docs += 1
             click.echo(f"duplicate: {o.source} (already ingested from {o.duplicate_of}{dropped})")
-        elif o.passages_added == 0:
+        elif o.status == "duplicate" or o.passages_added == 0:
             dup_docs += 1
             click.echo(f"duplicate: {o.source} (every passage was already ingested{dropped})")
         else:
@@ -279,6 +294,184 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
         click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
     if len(jobs) < listed:
         click.echo(f"... {listed - len(jobs)} more (--limit 0 lists all)")
+
+
+# ----------------------------------------------------------------------------- learn
+@main.command()
+@click.option("--max-passages", type=click.IntRange(min=1), help="stop after this many passages")
+@pass_app
+def learn(app: App, max_passages: int | None) -> None:
+    """Process the queue in the foreground, then exit."""
+    from .wake import learn as drain
+
+    pending = app.store.queue_summary()["pending"]
+    if pending == 0 and not app.store.claimed_jobs():
+        click.echo("nothing to learn: the queue is empty (seal ingest FILE)")
+        return
+    total = min(pending, max_passages) if max_passages else pending
+    learner = app.learner
+    reports = []
+    if err.is_terminal:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("learning", total=total)
+
+            def progress(msg: str) -> None:
+                bar.update(task, description=msg[:60])
+
+            def report(r) -> None:
+                bar.advance(task)
+                _print_report(r)
+
+            reports = drain(learner, max_passages, progress, on_report=report)
+    else:
+        reports = drain(learner, max_passages, lambda msg: log.info(msg), on_report=_print_report)
+    done = [r for r in reports if r.outcome == "committed"]
+    click.echo(f"learned {len(done)} of {len(reports)} passage(s); active adapter: "
+               f"{(learner.registry.active('knowledge') or {}).get('id', 'none (base model)')}")
+    if any(r.outcome == "failed" for r in reports):
+        sys.exit(1)
+
+
+def _print_report(r) -> None:
+    secs = sum(r.timings.values())
+    probe = ""
+    if r.probe_before is not None and r.probe_after is not None:
+        probe = f" probe acc {r.probe_before.accuracy:.2f}->{r.probe_after.accuracy:.2f}"
+    click.echo(f"{r.outcome:9} #{r.passage_id} {r.title[:30]!r} {r.adapter_id or ''}{probe} ({secs:.0f}s): {r.reason}")
+
+
+# --------------------------------------------------------------------------- history
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@pass_app
+def history(app: App, as_json: bool) -> None:
+    """List knowledge adapter versions, newest first."""
+    import json as jsonlib
+
+    from rich.table import Table
+
+    if not app.home.store_file.exists():
+        click.echo("[]" if as_json else "no adapters yet")
+        return
+    rows = app.store.adapter_history()
+    if as_json:
+        click.echo(jsonlib.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no adapters yet (seal learn)")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "parent", "passage", "policy", "reward", "probe", "when"):
+        table.add_column(col, overflow="ellipsis", no_wrap=True)
+    import datetime as dt
+
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["created_at"]).strftime("%m-%d %H:%M")
+        probe = "-" if r["probe_acc"] is None else f"{r['probe_acc']:.2f}"
+        reward = "-" if r["reward"] is None else f"{r['reward']:+.3f}"
+        active = " *" if r["active"] else ""
+        table.add_row(r["id"] + active, r["parent_id"] or "base", f"{r['passage_id']} {(r['title'] or '')[:18]}",
+                      r["policy"] or "-", reward, probe, when)
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- bench
+@main.group()
+def bench() -> None:
+    """Reproducible benchmarks: print a table and write JSON."""
+
+
+@bench.command("squad")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--passages", default=20, show_default=True, type=click.IntRange(min=1), help="passages drawn with the seed")
+@click.option("--seed", default=0, show_default=True, help="draws passages, splits questions, seeds sampling and training")
+@click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="eval", show_default=True,
+              help="eval: passages never used for tuning; tune: the tuning split")
+@click.option("--policies", "policy_names", default=",".join(("implications", "rewrite", "self_qa", "qa_chat")),
+              show_default=True, help="self-edit policies to measure (one sample each)")
+@click.option("--candidates", type=click.IntRange(min=1), help="N of best-of-N (default: wake.candidates)")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/squad-<seed>-<n>.json)")
+@pass_app
+def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split: str, policy_names: str,
+                candidates: int | None, out_path: str | None) -> None:
+    """SEAL's single-passage protocol: closed-book probe accuracy after each kind of update."""
+    import json as jsonlib
+
+    from policies import self_edit as self_edits
+
+    from .bench import DEFAULT_DATA, run_squad
+
+    path = Path(data_path) if data_path else DEFAULT_DATA
+    if not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    names = tuple(n.strip() for n in policy_names.split(",") if n.strip())
+    unknown = [n for n in names if n not in self_edits.SELF_EDIT_POLICIES]
+    if unknown:
+        fail(f"unknown self-edit policy {unknown[0]!r} (known: {', '.join(self_edits.SELF_EDIT_POLICIES)})")
+    with _progress(passages) as (say, tick):
+        result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
+                           policies=names, candidates=candidates, say=say, on_passage=tick)
+    target = Path(out_path) if out_path else Path("bench-out") / f"squad-{seed}-{passages}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(jsonlib.dumps(result, indent=1), encoding="utf-8")
+    _print_squad(result)
+    click.echo(f"wrote {target}")
+
+
+def _print_squad(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"SQuAD single-passage, {result['passages']} passages ({result['split']} split, seed {result['seed']}), "
+                        f"closed-book accuracy on probe questions", box=None, pad_edge=False, title_justify="left")
+    for col in ("condition", "accuracy", "95% CI", "F1", "questions", "s/passage"):
+        table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
+    for r in result["rows"]:
+        lo, hi = r["ci95"]
+        table.add_row(r["condition"], f"{100 * r['accuracy']:.1f}%", f"{100 * lo:.0f}-{100 * hi:.0f}",
+                      f"{100 * r['f1']:.1f}", str(r["questions"]), f"{r['seconds_per_passage']:.1f}")
+    out.print(table)
+    b = result.get("best_of_n_breakdown_median_s") or {}
+    if b:
+        click.echo("best-of-N per passage (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())
+                   + f"; total {sum(b.values()):.1f}")
+
+
+class _progress:
+    """A rich progress bar on a terminal; log lines otherwise."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        if not err.is_terminal:
+            return (lambda msg: log.info(msg)), (lambda i, n: err.print(f"{i}/{n} done"))
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("starting", total=self.total)
+        return (lambda msg: self.bar.update(task, description=msg[:50])), (lambda i, n: self.bar.update(task, completed=i))
+
+    def __exit__(self, *exc):
+        if hasattr(self, "bar"):
+            self.bar.__exit__(*exc)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m agent.cli`

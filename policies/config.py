@@ -1,4 +1,9 @@
-"""Which strategy of each kind is active, by registered name (see each module's registry)."""
+"""Which strategy of each kind is active, by registered name, and their knobs.
+
+Names are looked up in each module's registry: ``policies/self_edit.py``
+(``SELF_EDIT_POLICIES``), ``policies/questions.py``, ``policies/reward.py``
+(``REWARDS``), ``policies/selection.py`` (``SELECTIONS``).
+"""
 
 from __future__ import annotations
 
@@ -7,4 +12,28 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    self_edit: str = field(default="implications", metadata={"help": "self-edit policy: see policies/self_edit.py"})
+    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | implications | rewrite | self_qa | qa_chat"})
+    questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
+    reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy"})
+    selection: str = field(default="best_of_n", metadata={"help": "selection policy: best_of_n"})
+    min_gain: float = field(default=0.0, metadata={"help": "a committed update must beat the no-update baseline by more than this"})
+    edit_margin: float = field(default=0.05, metadata={"help": "a self-edit must beat the passage-only trial by more than this to be preferred"})
+    include_passage: bool = field(default=True, metadata={"help": "also train a passage-only trial and let it compete"})
+    reward_fraction: float = field(default=0.4, metadata={"help": "share of a passage's questions used as reward (the rest are probes)"})
+    self_questions: int = field(default=5, metadata={"help": "questions the model writes when it writes its own"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of self-edits (SEAL: 1.0)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling of self-edits (SEAL: 0.95)"})
+
+    def __post_init__(self) -> None:
+        from . import questions, reward, selection, self_edit
+
+        for name, registry, kind in (
+            (self.self_edit, self_edit.SELF_EDIT_POLICIES, "self_edit"),
+            (self.questions, questions.QUESTION_POLICIES, "questions"),
+            (self.reward, reward.REWARDS, "reward"),
+            (self.selection, selection.SELECTIONS, "selection"),
+        ):
+            if name not in registry:
+                raise ValueError(f"{kind}: unknown policy {name!r} (known: {', '.join(registry)})")
+        if not 0 < self.reward_fraction < 1:
+            raise ValueError("reward_fraction must be between 0 and 1")

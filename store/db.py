@@ -127,6 +127,10 @@ class Store:
                         IngestOutcome(doc.source, "duplicate", prior["id"], 0, len(doc.passages), 0, prior["source"])
                     )
                     continue
+                fresh = [p for p in doc.passages if not self._one("SELECT id FROM passages WHERE sha256 = ?", [p.sha256])]
+                if not fresh:  # every passage was learned from another document already
+                    outcomes.append(IngestOutcome(doc.source, "duplicate", None, 0, len(doc.passages), 0, None))
+                    continue
                 doc_id = self.db["documents"].insert(
                     {
                         "sha256": doc.sha256,
@@ -313,6 +317,57 @@ class Store:
             counts[r["state"]] = r["n"]
         return counts
 
+    # ------------------------------------------------------- cycles, candidates, evals
+    def record_cycle(
+        self,
+        cycle: dict,
+        candidates: list[dict],
+        evaluations: list[dict],
+        job_id: int | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Record one wake cycle: its outcome, every candidate tried (the RL data), the
+        evaluations it made, and its job as done. Runs inside the caller's transaction
+        when there is one (the adapter commit), so all of it lands with the adapter."""
+        at = _now(now)
+        with self.db.atomic():
+            cycle_id = self.db["cycles"].insert({**cycle, "finished_at": at}).last_pk
+            self.db["candidates"].insert_all(
+                {**c, "cycle_id": cycle_id, "passage_id": cycle["passage_id"], "created_at": at} for c in candidates
+            )
+            self.db["evaluations"].insert_all({**e, "at": at} for e in evaluations)
+            if job_id is not None:
+                self.db.execute(
+                    "UPDATE jobs SET state = 'done', error = NULL, updated_at = ? WHERE id = ?", [at, job_id]
+                )
+        return cycle_id
+
+    def cycles(self, passage_id: int | None = None, limit: int = 1000) -> list[dict]:
+        if passage_id is None:
+            return self._rows("SELECT * FROM cycles ORDER BY id DESC LIMIT ?", [limit])
+        return self._rows("SELECT * FROM cycles WHERE passage_id = ? ORDER BY id DESC LIMIT ?", [passage_id, limit])
+
+    def candidates(self, passage_id: int) -> list[dict]:
+        return self._rows("SELECT * FROM candidates WHERE passage_id = ? ORDER BY cycle_id, idx", [passage_id])
+
+    def learned_passages(self) -> list[int]:
+        """Passages that some committed cycle learned, oldest first."""
+        rows = self._rows(
+            "SELECT DISTINCT passage_id FROM cycles WHERE outcome = 'committed' ORDER BY passage_id"
+        )
+        return [r["passage_id"] for r in rows]
+
+    def evaluations(self, adapter_id: str | None = None, passage_id: int | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM evaluations WHERE 1 = 1", []
+        if adapter_id is not None:
+            sql, args = sql + " AND adapter_id = ?", [*args, adapter_id]
+        if passage_id is not None:
+            sql, args = sql + " AND passage_id = ?", [*args, passage_id]
+        return self._rows(sql + " ORDER BY id", args)
+
+    def claimed_jobs(self) -> list[dict]:
+        return self._rows("SELECT id, claimed_by, heartbeat_at FROM jobs WHERE state = 'claimed'")
+
     # ----------------------------------------------------------------- events, state
     def _event(self, kind: str, detail: dict, at: float) -> None:
         self.db["events"].insert({"at": at, "kind": kind, "detail": json.dumps(detail)})
@@ -401,3 +456,20 @@ class Store:
     def next_version(self, name: str) -> int:
         row = self._one("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM adapters WHERE name = ?", [name])
         return int(row["v"]) if row else 1
+
+    def adapter_history(self, name: str = "knowledge") -> list[dict]:
+        """Adapter versions newest first, with their passage title, probe accuracy at
+        commit time and whether each is the active one (for `seal history`)."""
+        active = self.get_state(f"active.{name}")
+        rows = self._rows(
+            """SELECT a.id, a.parent_id, a.kind, a.passage_id, a.policy, a.reward, a.status,
+                      a.created_at, a.sha256, p.title,
+                      (SELECT e.accuracy FROM evaluations e WHERE e.adapter_id = a.id
+                         AND e.passage_id = a.passage_id AND e.kind = 'probe' ORDER BY e.id LIMIT 1) AS probe_acc
+               FROM adapters a LEFT JOIN passages p ON p.id = a.passage_id
+               WHERE a.name = ? ORDER BY a.version DESC""",
+            [name],
+        )
+        for r in rows:
+            r["active"] = r["id"] == active
+        return rows

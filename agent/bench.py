@@ -1,0 +1,238 @@
+"""Benchmarks. ``squad``: SEAL's single-passage knowledge-incorporation protocol.
+
+For each of N passages drawn with a seed, every condition starts from the base model
+with a fresh LoRA and is measured closed book on the passage's *probe* questions:
+
+- ``base``: no update;
+- ``passage``: a LoRA on the passage alone;
+- one row per self-edit policy: a LoRA on passage + one sampled self-edit;
+- ``best-of-N``: N self-edits of the configured policy plus the passage-only trial,
+  selected on the *reward* questions exactly as the wake cycle does (with margins);
+  the probe questions never take part in selection;
+- ``open-book``: no update, the passage in the prompt (the ceiling).
+
+Passages are split by title into a *tune* split (crc32(title) % 5 == 0) and an *eval*
+split. Benchmarks draw from the eval split by default; anything tuned (prompts,
+margins, hyper-parameters) is tuned on the tune split only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adapters import lora
+from adapters.registry import AdapterRegistry
+from policies import reward as rewards
+from policies import selection as selections
+from policies import self_edit as self_edits
+from policies.questions import split_roles
+from policies.reward import Scores
+from store import Store
+
+from .config import Config
+from .runtime import Runtime
+from .wake import KNOWLEDGE, TRIAL, Learner
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_dev.json"
+DEFAULT_POLICIES = ("implications", "rewrite", "self_qa", "qa_chat")
+
+
+def split_of(title: str) -> str:
+    return "tune" if zlib.crc32(title.encode("utf-8")) % 5 == 0 else "eval"
+
+
+def load_squad(path: Path) -> list[dict]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "data" in data:  # official SQuAD layout
+        data = [
+            {"title": a["title"], "context": p["context"],
+             "questions": [{"question": q["question"], "answer": q["answers"][0]["text"]} for q in p["qas"]]}
+            for a in data["data"] for p in a["paragraphs"]
+        ]
+    return data
+
+
+def draw(data: list[dict], n: int, seed: int, split: str, min_questions: int = 3) -> list[dict]:
+    pool = [d for d in data if len(d.get("questions", [])) >= min_questions
+            and (split == "all" or split_of(d["title"]) == split)]
+    rng = random.Random(seed)
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def bootstrap_ci(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+@dataclass
+class Row:
+    condition: str
+    correct: list[float]  # per probe question, over all passages
+    f1: list[float]
+    seconds: list[float]  # per passage
+    tokens: list[int]  # per passage (generated + trained)
+
+    def summary(self) -> dict:
+        lo, hi = bootstrap_ci(self.correct)
+        return {
+            "condition": self.condition,
+            "accuracy": sum(self.correct) / max(len(self.correct), 1),
+            "ci95": [lo, hi],
+            "f1": sum(self.f1) / max(len(self.f1), 1),
+            "questions": len(self.correct),
+            "seconds_per_passage": statistics.median(self.seconds) if self.seconds else 0.0,
+            "tokens_per_passage": statistics.median(self.tokens) if self.tokens else 0,
+        }
+
+
+def run_squad(
+    runtime: Runtime,
+    cfg: Config,
+    *,
+    data_path: Path,
+    passages: int,
+    seed: int,
+    split: str = "eval",
+    policies: tuple[str, ...] = DEFAULT_POLICIES,
+    candidates: int | None = None,
+    say: Callable[[str], None] = lambda _m: None,
+    on_passage: Callable[[int, int], None] = lambda _i, _n: None,
+) -> dict:
+    """Run the protocol; returns the JSON-able result (config, versions, rows, per passage)."""
+    import peft
+    import torch
+    import transformers
+
+    data = draw(load_squad(data_path), passages, seed, split)
+    n_cand = cfg.wake.candidates if candidates is None else candidates
+    pol = cfg.policies
+    tmp = Path(tempfile.mkdtemp(prefix="seal-bench-"))
+    store = Store(tmp / "store.db")  # a fresh home: nothing learned, nothing shared
+    learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
+    zero = lora.snapshot(learner.model, KNOWLEDGE)
+    conds = ["base", "passage", *policies, f"best-of-{n_cand}", "open-book"]
+    rows = {c: Row(c, [], [], [], []) for c in conds}
+    per_passage = []
+    breakdown: list[dict[str, float]] = []
+    for i, d in enumerate(data):
+        record, bo_time = _one_passage(learner, runtime, pol, d, i, seed, policies, n_cand, zero, rows, say, len(data))
+        breakdown.append(bo_time)
+        per_passage.append(record)
+        on_passage(i + 1, len(data))
+    store.close()
+    return {
+        "benchmark": "squad",
+        "data": str(data_path),
+        "split": split,
+        "seed": seed,
+        "passages": len(data),
+        "rows": [rows[c].summary() for c in conds],
+        "best_of_n_breakdown_median_s": {k: statistics.median(b[k] for b in breakdown) for k in ("generate", "train", "score")} if breakdown else {},
+        "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version(), "machine": platform.machine(),
+                     "threads": torch.get_num_threads()},
+        "per_passage": per_passage,
+    }
+
+
+def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
+                 n_cand: int, zero: dict, rows: dict[str, Row], say: Callable[[str], None], n_data: int):
+    """All conditions for one passage; adds to ``rows``; returns (record, best-of-N timings)."""
+    t_passage = time.perf_counter()
+    title, text = d["title"], d["context"]
+    qs = [{"id": j, "question": q["question"], "answer": q["answer"]} for j, q in enumerate(d["questions"])]
+    roles = split_roles([q["id"] for q in qs], pol.reward_fraction, seed=seed * 100003 + i)
+    reward_qs = [q for q in qs if roles[q["id"]] == "reward"]
+    probe_qs = [q for q in qs if roles[q["id"]] == "probe"]
+    lora.restore(learner.model, KNOWLEDGE, zero)  # every passage starts from the base model
+    say(f"[{i + 1}/{n_data}] {title}: base and open-book")
+    record: dict = {"title": title, "n_reward": len(reward_qs), "n_probe": len(probe_qs), "conditions": {}}
+
+    def add(cond: str, s: Scores, secs: float, toks: int) -> None:
+        rows[cond].correct += [float(c) for c in s.correct]
+        rows[cond].f1 += list(s.f1s)
+        rows[cond].seconds.append(secs)
+        rows[cond].tokens.append(toks)
+        record["conditions"][cond] = {"accuracy": s.accuracy, "f1": s.f1, "logprob": s.logprob,
+                                      "answers": list(s.answers)}
+
+    t0 = time.perf_counter()
+    base = learner.score(KNOWLEDGE, title, probe_qs)
+    add("base", base, time.perf_counter() - t0, 0)
+    t0 = time.perf_counter()
+    add("open-book", learner.score(KNOWLEDGE, title, probe_qs, context=text), time.perf_counter() - t0, 0)
+    baseline_reward = learner.score(KNOWLEDGE, title, reward_qs)
+
+    # one batched generation: one sample per policy, plus N-1 more of the selecting policy
+    say(f"[{i + 1}/{n_data}] {title}: writing self-edits")
+    names = list(policies) + [pol.self_edit] * max(n_cand - (1 if pol.self_edit in policies else 0), 0)
+    t0 = time.perf_counter()
+    edits = learner.sample_self_edits({"title": title, "text": text}, names, seed=seed * 7919 + i)
+    t_gen = time.perf_counter() - t0
+    per_edit_s = t_gen / max(len(edits), 1)
+
+    def run_trial(name: str, edit: str, k: int) -> tuple[Scores | None, Scores | None, float, float, int]:
+        examples = self_edits.get(name).examples(title, text, edit, runtime.chat)
+        res = learner.trial(examples, seed=seed + 31 * i + k)
+        t1 = time.perf_counter()
+        if res.nan:
+            return None, None, res.seconds, 0.0, res.tokens
+        r = learner.score(TRIAL, title, reward_qs)
+        p = learner.score(TRIAL, title, probe_qs)
+        return r, p, res.seconds, time.perf_counter() - t1, res.tokens
+
+    say(f"[{i + 1}/{n_data}] {title}: passage-only trial")
+    r_pass, p_pass, tr_s, sc_s, tr_tok = run_trial("passage", "", 0)
+    add("passage", p_pass, tr_s + sc_s, tr_tok)
+    bo_trials = [selections.Trial(0, "passage", rewards.REWARDS[pol.reward](r_pass, baseline_reward),
+                                  rewards.qa_accuracy(r_pass, baseline_reward))]
+    bo_probe = {0: p_pass}
+    bo_time = {"generate": 0.0, "train": tr_s, "score": sc_s}
+    bo_tokens = tr_tok
+    first_of_policy: set[str] = set()
+    texts = []
+    for k, (name, edit, n_tok) in enumerate(edits, start=1):
+        say(f"[{i + 1}/{n_data}] {title}: trial {k}/{len(edits)} ({name})")
+        r, p, tr_s, sc_s, tr_tok = run_trial(name, edit, k)
+        texts.append({"policy": name, "text": edit})
+        if name not in first_of_policy and name in policies:
+            first_of_policy.add(name)
+            add(name, p if p is not None else base,
+                per_edit_s + tr_s + sc_s, n_tok + tr_tok)
+        if name == pol.self_edit and len(bo_trials) <= n_cand:
+            ok = r is not None
+            bo_trials.append(selections.Trial(
+                k, name,
+                rewards.REWARDS[pol.reward](r, baseline_reward) if ok else float("-inf"),
+                rewards.qa_accuracy(r, baseline_reward) if ok else float("-inf"), ok=ok))
+            if ok:
+                bo_probe[k] = p
+            bo_time["generate"] += per_edit_s
+            bo_time["train"] += tr_s
+            bo_time["score"] += sc_s
+            bo_tokens += n_tok + tr_tok
+    choice = selections.get(pol.selection)(bo_trials, pol.min_gain, pol.edit_margin)
+    chosen = bo_probe[choice.idx] if choice.idx is not None else base  # nothing committed
+    add(f"best-of-{n_cand}", chosen, sum(bo_time.values()), bo_tokens)
+    record.update({
+        "choice": None if choice.idx is None else bo_trials[[t.idx for t in bo_trials].index(choice.idx)].policy,
+        "reason": choice.reason,
+        "trials": [asdict(t) for t in bo_trials],
+        "self_edits": texts,
+        "seconds": time.perf_counter() - t_passage,
+    })
+    return record, bo_time

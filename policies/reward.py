@@ -1,0 +1,75 @@
+"""Grading and rewards.
+
+Grading follows SQuAD's evaluation script: answers are normalised (lower case, no
+punctuation, no articles, single spaces); an answer is *correct* when the normalised
+gold answer is contained in the normalised prediction, and token F1 is recorded too.
+
+A reward is a plain callable (TRL's habit): it maps the scores of a trial and of the
+no-update baseline to one number, higher is better. Both rewards are recorded for
+every candidate; ``policies.reward`` in the config picks the one that selects.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
+
+
+def normalize(text: str) -> str:
+    text = "".join(" " if ch in _PUNCT else ch for ch in text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    p, g = normalize(prediction).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = Counter(p) & Counter(g)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def is_correct(prediction: str, gold: str) -> bool:
+    """Normalised containment: the gold answer appears in the prediction."""
+    g = normalize(gold)
+    return bool(g) and f" {g} " in f" {normalize(prediction)} "
+
+
+@dataclass(frozen=True)
+class Scores:
+    """How a model did on a set of questions."""
+
+    accuracy: float  # fraction correct (containment)
+    f1: float  # mean token F1
+    logprob: float  # mean over questions of the answer's mean per-token log-likelihood
+    n: int
+    answers: tuple[str, ...] = ()
+    correct: tuple[bool, ...] = ()
+    f1s: tuple[float, ...] = ()
+
+
+def answer_logprob(trial: Scores, baseline: Scores) -> float:
+    """Mean gain in per-token log-likelihood of the gold answers: dense and cheap."""
+    return trial.logprob - baseline.logprob
+
+
+def qa_accuracy(trial: Scores, baseline: Scores) -> float:
+    """Gain in closed-book accuracy of greedy answers, with F1 as a small tie-breaker."""
+    return (trial.accuracy - baseline.accuracy) + 1e-3 * (trial.f1 - baseline.f1)
+
+
+RewardFn = Callable[[Scores, Scores], float]
+
+REWARDS: dict[str, RewardFn] = {
+    "answer_logprob": answer_logprob,
+    "qa_accuracy": qa_accuracy,
+}

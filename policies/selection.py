@@ -1,0 +1,56 @@
+"""Selection: which trial update, if any, becomes the new knowledge adapter.
+
+Best-of-N with margins. The no-update baseline must be beaten by ``min_gain``; and
+when the passage-only update is among the trials (seal always trains it: it is cheap
+and it is what a self-edit must improve on), a self-edit is preferred over it only
+if it beats it by ``edit_margin``. Rewards on 2-3 questions are noisy; the margin is
+what keeps a lucky draw from replacing a sound update. Ties go to the other reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Trial:
+    idx: int
+    policy: str
+    reward: float  # the selecting reward (gain over the no-update baseline)
+    other: float  # the other reward, for ties
+    ok: bool = True  # False when the trial failed a guard (NaN loss)
+
+
+@dataclass(frozen=True)
+class Choice:
+    idx: int | None  # None: keep the current adapter
+    reason: str
+
+
+def best_of_n(trials: list[Trial], min_gain: float, edit_margin: float) -> Choice:
+    ok = [t for t in trials if t.ok]
+    if not ok:
+        return Choice(None, "every trial failed a guard")
+    best = max(ok, key=lambda t: (t.reward, t.other))
+    if best.reward <= min_gain:
+        return Choice(None, f"best gain {best.reward:+.3f} does not clear min_gain {min_gain:+.3f}")
+    reference = next((t for t in ok if t.policy == "passage"), None)
+    if reference is not None and best is not reference:
+        if best.reward - reference.reward <= edit_margin:
+            if reference.reward > min_gain:
+                return Choice(
+                    reference.idx,
+                    f"self-edit {best.policy}#{best.idx} beat passage-only by "
+                    f"{best.reward - reference.reward:+.3f}, within edit_margin {edit_margin}: passage-only kept",
+                )
+            return Choice(None, "no self-edit beat passage-only by the margin, and passage-only gained too little")
+    return Choice(best.idx, f"{best.policy}#{best.idx} gained {best.reward:+.3f}")
+
+
+SELECTIONS = {"best_of_n": best_of_n}
+
+
+def get(name: str):
+    if name not in SELECTIONS:
+        raise ValueError(f"unknown selection policy {name!r} (known: {', '.join(SELECTIONS)})")
+    return SELECTIONS[name]

@@ -1,0 +1,169 @@
+"""Self-edit policies: what the model writes for itself to learn a passage, and how
+that text becomes training examples.
+
+A policy has a ``prompt`` (the user message the editor answers; ``None`` when the
+policy generates nothing) and ``examples`` (the training examples of one candidate).
+SEAL's recipe is kept for ``implications``, ``rewrite`` and ``self_qa``: the self-edit
+is split into lines, each line prefixed with the title, plus the passage itself.
+
+``qa_chat`` is seal's own: the model writes question/answer pairs with the passage in
+front of it; pairs whose answer is not in the passage are dropped (a free grounding
+check), and each kept pair is trained *in the format it will be asked in* (the
+closed-book chat prompt -> the short answer), beside the passage itself. On a small
+model, the form of the training text matters as much as its content.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Protocol
+
+from adapters.lora import Example
+
+from .questions import answer_prompt
+from .reward import normalize
+
+Chat = Callable[[str], str]  # user message -> formatted prompt for the assistant's reply
+
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|\(\d+\))\s*")
+_QA = re.compile(
+    r"(?:^|\n)\s*(?:\*\*)?(?:Q(?:uestion)?\s*\d*)\s*[:.)]\s*(?:\*\*)?\s*(.+?)\s*\n+\s*(?:\*\*)?(?:A(?:nswer)?\s*\d*)\s*[:.)]\s*(?:\*\*)?\s*(.+?)\s*(?=\n|$)",
+    re.IGNORECASE,
+)
+
+
+def passage_text(title: str, text: str) -> str:
+    return f"{title}\n{text}" if title else text
+
+
+def split_lines(edit: str, min_words: int = 3) -> list[str]:
+    """One training example per line/item: strip bullets and numbering, drop headers
+    and fragments too short to state anything."""
+    lines = []
+    for raw in edit.splitlines():
+        line = _BULLET.sub("", raw).strip().strip("*").strip()
+        if len(line.split()) < min_words or line.endswith(":"):
+            continue
+        lines.append(line)
+    return lines
+
+
+def parse_qa(edit: str) -> list[tuple[str, str]]:
+    """Question/answer pairs from text of the form 'Q: ... / A: ...' (or 'Question 1: ...')."""
+    pairs = []
+    for q, a in _QA.findall(edit):
+        q, a = q.strip().strip("*").strip(), a.strip().strip("*").strip()
+        if q and a:
+            pairs.append((q, a))
+    return pairs
+
+
+class SelfEditPolicy(Protocol):
+    name: str
+    max_new_tokens: int
+
+    def prompt(self, title: str, text: str) -> str | None: ...
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]: ...
+
+
+class PassageOnly:
+    """No self-edit: train on the passage alone (the baseline every edit must beat)."""
+
+    name = "passage"
+    max_new_tokens = 0
+
+    def prompt(self, title: str, text: str) -> str | None:
+        return None
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        return [Example(prompt="", completion=passage_text(title, text))]
+
+
+class _LinesPolicy:
+    """SEAL's recipe: each line of the self-edit (prefixed with the title) is one
+    example, plus the passage itself."""
+
+    name = ""
+    instruction = ""
+    max_new_tokens = 256
+
+    def prompt(self, title: str, text: str) -> str | None:
+        return f"{passage_text(title, text)}\n\n{self.instruction}"
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        items = [Example(prompt="", completion=passage_text(title, line)) for line in split_lines(edit)]
+        return [Example(prompt="", completion=passage_text(title, text)), *items]
+
+
+class Implications(_LinesPolicy):
+    name = "implications"
+    instruction = (
+        "Read the passage above and produce a list of implications derived directly or "
+        "indirectly from its content. Write one implication per line."
+    )
+
+
+class Rewrite(_LinesPolicy):
+    name = "rewrite"
+    instruction = "Rewrite the passage above in a few different ways. Write each rewrite as one line."
+
+
+class SelfQA(_LinesPolicy):
+    name = "self_qa"
+    instruction = (
+        "Rewrite the passage above in a question-answer format. Write each question on a "
+        "line starting with 'Q:' and its answer on the next line starting with 'A:'."
+    )
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        pairs = parse_qa(edit)
+        if not pairs:  # fall back to SEAL's line split
+            return super().examples(title, text, edit, chat)
+        items = [Example(prompt="", completion=passage_text(title, f"Q: {q}\nA: {a}")) for q, a in pairs]
+        return [Example(prompt="", completion=passage_text(title, text)), *items]
+
+
+class QAChat(SelfQA):
+    """Self-written Q/A pairs, grounded in the passage, trained as closed-book chat turns."""
+
+    name = "qa_chat"
+    instruction = (
+        "Write questions about the facts in the passage above, each with a short answer "
+        "(a name, number, date or short phrase) copied from the passage. Write each "
+        "question on a line starting with 'Q:' and its answer on the next line starting with 'A:'."
+    )
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        body = f" {normalize(text)} "
+        seen: set[str] = set()
+        items = []
+        for q, a in parse_qa(edit):
+            na = normalize(a)
+            if not na or f" {na} " not in body or normalize(q) in seen:
+                continue  # ungrounded (a hallucinated answer) or a repeat
+            seen.add(normalize(q))
+            items.append(Example(prompt=chat(answer_prompt(q, title=title)), completion=a, eos=True))
+        return [Example(prompt="", completion=passage_text(title, text)), *items]
+
+
+SELF_EDIT_POLICIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Register a policy under its name; a duplicate name is refused (as peft does)."""
+    if cls.name in SELF_EDIT_POLICIES:
+        raise ValueError(f"self-edit policy {cls.name!r} is already registered")
+    SELF_EDIT_POLICIES[cls.name] = cls
+    return cls
+
+
+for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat):
+    register(_cls)
+
+
+def get(name: str) -> SelfEditPolicy:
+    if name not in SELF_EDIT_POLICIES:
+        raise ValueError(f"unknown self-edit policy {name!r} (known: {', '.join(SELF_EDIT_POLICIES)})")
+    return SELF_EDIT_POLICIES[name]()
