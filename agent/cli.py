@@ -80,6 +80,16 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
+def print_table(table) -> None:
+    """A rich table on a terminal; plain text without trailing padding in a pipe."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    with out.capture() as cap:
+        out.print(table)
+    click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
+
+
 def fail(message: str) -> None:
     """Stop with a one-line error and exit status 1."""
     raise click.ClickException(message)
@@ -286,12 +296,7 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
             note = j["error"] or (f"by {j['claimed_by']}" if j["state"] == "claimed" and j["claimed_by"] else "")
             row.append(Text(" ".join(note.split())))
         table.add_row(*row)
-    if out.is_terminal:
-        out.print(table)
-    else:  # plain text for pipes and files: no trailing padding
-        with out.capture() as cap:
-            out.print(table)
-        click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
+    print_table(table)
     if len(jobs) < listed:
         click.echo(f"... {listed - len(jobs)} more (--limit 0 lists all)")
 
@@ -369,19 +374,21 @@ def history(app: App, as_json: bool) -> None:
     if not rows:
         click.echo("no adapters yet (seal learn)")
         return
-    table = Table(box=None, pad_edge=False)
+    table = Table(box=None, pad_edge=False, collapse_padding=True)
     for col in ("id", "parent", "passage", "policy", "reward", "probe", "when"):
-        table.add_column(col, overflow="ellipsis", no_wrap=True)
+        # only the passage title (and a long policy name) may shrink: ids and numbers stay whole
+        table.add_column(col, no_wrap=True, overflow="ellipsis" if col in ("passage", "policy") else "fold",
+                         ratio=1 if col == "passage" else None, max_width=10 if col == "policy" else None)
     import datetime as dt
 
     for r in rows:
-        when = dt.datetime.fromtimestamp(r["created_at"]).strftime("%m-%d %H:%M")
+        when = dt.datetime.fromtimestamp(r["created_at"]).strftime("%d %H:%M")
         probe = "-" if r["probe_acc"] is None else f"{r['probe_acc']:.2f}"
         reward = "-" if r["reward"] is None else f"{r['reward']:+.3f}"
         active = " *" if r["active"] else ""
         table.add_row(r["id"] + active, r["parent_id"] or "base", f"{r['passage_id']} {(r['title'] or '')[:18]}",
                       r["policy"] or "-", reward, probe, when)
-    out.print(table)
+    print_table(table)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -438,7 +445,7 @@ def _print_squad(result: dict) -> None:
         lo, hi = r["ci95"]
         table.add_row(r["condition"], f"{100 * r['accuracy']:.1f}%", f"{100 * lo:.0f}-{100 * hi:.0f}",
                       f"{100 * r['f1']:.1f}", str(r["questions"]), f"{r['seconds_per_passage']:.1f}")
-    out.print(table)
+    print_table(table)
     b = result.get("best_of_n_breakdown_median_s") or {}
     if b:
         click.echo("best-of-N per passage (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())

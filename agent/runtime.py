@@ -256,10 +256,12 @@ class Runtime:
                 )
                 if temperature > 0:
                     gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-                    torch.manual_seed(seed + start)
                 else:
                     gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                seqs = self.model.generate(**enc, **gen_kwargs)
+                devices = [self.device.index or 0] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):  # leave the caller's RNG alone
+                    torch.manual_seed(seed + start)
+                    seqs = self.model.generate(**enc, **gen_kwargs)
                 new = seqs[:, enc["input_ids"].shape[1] :]
                 for row, i in enumerate(idx):
                     ids = new[row].tolist()

@@ -43,7 +43,7 @@ KNOWLEDGE, TRIAL = "knowledge", "trial"
 @dataclass(frozen=True)
 class WakeConfig:
     candidates: int = field(default=3, metadata={"help": "self-edits sampled per passage (N of best-of-N)"})
-    self_edit_tokens: int = field(default=256, metadata={"help": "longest self-edit, in tokens"})
+    self_edit_tokens: int = field(default=192, metadata={"help": "longest self-edit, in tokens"})
     answer_tokens: int = field(default=32, metadata={"help": "longest closed-book answer when grading"})
     forgetting_sample: int = field(default=4, metadata={"help": "earlier passages re-evaluated after each commit (rotating)"})
     heartbeat_s: float = field(default=30.0, metadata={"help": "a claimed job's heartbeat interval"})
@@ -70,6 +70,10 @@ class CycleReport:
 Progress = Callable[[str], None]  # one short line per step
 
 
+class ClaimLost(RuntimeError):
+    """Another worker took this job back (our heartbeat went stale): do not commit."""
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -86,6 +90,7 @@ class Learner:
         base = runtime.model
         self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL))
         runtime.model = self.model
+        self._zero = lora.snapshot(self.model, KNOWLEDGE)  # a fresh LoRA is the base model
         active = registry.active(KNOWLEDGE)
         if active:
             registry.load_into(self.model, KNOWLEDGE, active["id"])
@@ -187,13 +192,25 @@ class Learner:
             )
         return [(n, g.text, g.n_tokens) for (n, _, _), g in zip(todo, gens, strict=True)]
 
-    def trial(self, examples: list[lora.Example], seed: int) -> lora.TrainResult:
-        """Train the scratch adapter, starting from the current knowledge."""
+    def trial(self, examples: list[lora.Example], seed: int, beat: Callable[[], None] | None = None) -> lora.TrainResult:
+        """Train the scratch adapter, starting from the current knowledge; ``beat`` is
+        called now and then while it trains (the claim's heartbeat)."""
         lora.copy_adapter(self.model, KNOWLEDGE, TRIAL)
         cfg = dataclasses.replace(self.lora_cfg, seed=seed)
-        result = lora.train(self.model, self.runtime.tokenizer, examples, cfg, adapter=TRIAL)
+        progress = (lambda _step, _total, _loss: beat()) if beat else None
+        result = lora.train(self.model, self.runtime.tokenizer, examples, cfg, adapter=TRIAL, progress=progress)
         self.model.set_adapter(KNOWLEDGE)
         return result
+
+    def reload_active(self) -> None:
+        """Make the live knowledge adapter equal the store's active version again
+        (after a failed cycle that may have left other weights in it)."""
+        active = self.registry.active(KNOWLEDGE)
+        if active:
+            self.registry.load_into(self.model, KNOWLEDGE, active["id"])
+        else:
+            lora.restore(self.model, KNOWLEDGE, self._zero)
+        self.model.set_adapter(KNOWLEDGE)
 
     def recover(self) -> None:
         """Give back claims of workers that died on this host (kill -9, power loss) and
@@ -231,12 +248,21 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
     parent = learner.registry.active(KNOWLEDGE)
     parent_id = parent["id"] if parent else None
 
+    last_beat = [time.monotonic()]
+
+    def beat(force: bool = False) -> None:
+        """Keep the claim alive, at most once per heartbeat_s (a long trial would
+        otherwise look dead to another worker's recovery)."""
+        if force or time.monotonic() - last_beat[0] >= cfg.heartbeat_s:
+            store.heartbeat(job.id)
+            last_beat[0] = time.monotonic()
+
     def step(name: str):
         t0 = time.perf_counter()
 
         def done():
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-            store.heartbeat(job.id)
+            beat(force=True)
 
         return done
 
@@ -265,18 +291,27 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
 
     # 5. one trial update per candidate, scored on the reward questions
     rows, trials, snapshots = [], [], {}
+    reference = self_edits.get("passage").examples(title, text, "", chat)
     for idx, (name, edit, n_tok) in enumerate(cands):
         say(f"trial {idx + 1}/{len(cands)}: {name}")
         examples = self_edits.get(name).examples(title, text, edit, chat)
+        if name != "passage" and examples == reference and pol.include_passage:
+            # nothing usable in this self-edit (e.g. no grounded pair): it would only
+            # repeat the passage-only trial, so skip the training and say so
+            trials.append(selections.Trial(idx, name, float("-inf"), float("-inf"), ok=False))
+            rows.append({"policy": name, "idx": idx, "text": edit, "prompt": "", "n_tokens": n_tok,
+                         "n_examples": len(examples), "chosen": 0,
+                         "note": "no usable example beyond the passage: same as passage-only, not trained"})
+            continue
         t0 = time.perf_counter()
-        result = learner.trial(examples, seed + idx)
+        result = learner.trial(examples, seed + idx, beat=beat)
         scores = None if result.nan else learner.score(TRIAL, title, reward_qs)
         t_train = result.seconds
         t_score = time.perf_counter() - t0 - t_train
         timings["train"] = timings.get("train", 0.0) + t_train
         timings["score"] = timings.get("score", 0.0) + t_score
         tokens["train"] = tokens.get("train", 0) + result.tokens
-        store.heartbeat(job.id)
+        beat(force=True)
         ok = scores is not None
         r_lp = rewards.answer_logprob(scores, baseline) if ok else None
         r_acc = rewards.qa_accuracy(scores, baseline) if ok else None
@@ -308,10 +343,10 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
         evals.append(_eval_row(parent_id, passage["id"], "probe", probe_before))
     adapter_id = None
     probe_after = None
+    new_evals = []
     if choice.idx is not None:
         lora.restore(learner.model, KNOWLEDGE, snapshots[choice.idx])
         rows[choice.idx]["chosen"] = 1
-        new_evals = []
         if probe_qs:
             probe_after = learner.score(KNOWLEDGE, title, probe_qs)
         for pid in _rotating_sample(store.learned_passages(), passage["id"], cfg.forgetting_sample, job.id):
@@ -332,15 +367,19 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
         return CycleReport(passage["id"], title, "rejected", choice.reason, None, baseline, None, rows, timings, probe_before)
 
     # commit: files first (atomic), then one transaction for everything else
-    done = step("commit")
     chosen = cands[choice.idx][0]
+    t_commit = time.perf_counter()
 
     def record(new_id: str) -> None:
+        if not store.holds_claim(job.id, learner.worker):
+            raise ClaimLost(f"job {job.id} was taken back from this worker: not committing")
+        timings["commit"] = time.perf_counter() - t_commit
         ev = list(evals)
         if probe_after:
             ev.append(_eval_row(new_id, passage["id"], "probe", probe_after))
         ev += [_eval_row(new_id, pid, "probe", s) for pid, s in new_evals]
-        store.record_cycle({**cycle, "outcome": "committed", "adapter_id": new_id}, rows, ev, job_id=job.id)
+        store.record_cycle({**cycle, "outcome": "committed", "adapter_id": new_id, "timings": json.dumps(timings)},
+                           rows, ev, job_id=job.id)
 
     adapter_id = learner.registry.commit(
         learner.model, KNOWLEDGE, name=KNOWLEDGE, kind="wake", parent_id=parent_id,
@@ -350,7 +389,6 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
                  "probe_acc": probe_after.accuracy if probe_after else None},
         in_transaction=record,
     )
-    done()
     return CycleReport(passage["id"], title, "committed", choice.reason, adapter_id, baseline,
                        choice.idx, rows, timings, probe_before, probe_after)
 
@@ -388,10 +426,12 @@ def learn(learner: Learner, max_passages: int | None = None, progress: Progress 
             if on_report:
                 on_report(reports[-1])
         except KeyboardInterrupt:
+            learner.reload_active()
             learner.store.requeue_claimed_by(learner.worker)
             raise
         except Exception as e:  # a bug or a bad passage: record it and go on
             log.exception("wake cycle failed on passage %s", job.passage_id)
+            learner.reload_active()
             state = learner.store.fail_job(job.id, f"{type(e).__name__}: {e}", learner.cfg.max_attempts)
             p = learner.store.passage(job.passage_id) or {"title": "?"}
             reports.append(CycleReport(job.passage_id, p["title"], "failed", f"{type(e).__name__}: {e} (job {state})",

@@ -1,7 +1,7 @@
 """Grading and rewards.
 
-Grading follows SQuAD's evaluation script: answers are normalised (lower case, no
-punctuation, no articles, single spaces); an answer is *correct* when the normalised
+Grading follows SQuAD's evaluation script: answers are normalised (lower case,
+punctuation deleted, no articles, single spaces); an answer is *correct* when the normalised
 gold answer is contained in the normalised prediction, and token F1 is recorded too.
 
 A reward is a plain callable (TRL's habit): it maps the scores of a trial and of the
@@ -22,7 +22,7 @@ _PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2
 
 
 def normalize(text: str) -> str:
-    text = "".join(" " if ch in _PUNCT else ch for ch in text.lower())
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)  # deleted, as SQuAD's script does
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 

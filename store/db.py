@@ -365,6 +365,10 @@ class Store:
             sql, args = sql + " AND passage_id = ?", [*args, passage_id]
         return self._rows(sql + " ORDER BY id", args)
 
+    def holds_claim(self, job_id: int, worker: str) -> bool:
+        row = self._one("SELECT state, claimed_by FROM jobs WHERE id = ?", [job_id])
+        return bool(row) and row["state"] == "claimed" and row["claimed_by"] == worker
+
     def claimed_jobs(self) -> list[dict]:
         return self._rows("SELECT id, claimed_by, heartbeat_at FROM jobs WHERE state = 'claimed'")
 

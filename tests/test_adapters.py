@@ -374,7 +374,6 @@ def test_real_model_learns_an_invented_fact(real_runtime):
               f"loglik(Marnsk) {before.total:.2f} -> {after.total:.2f}")
         assert not r.nan and r.final_loss < r.losses[0]
         assert after.total > before.total + 2.0  # e^2: over 7x more likely
-        assert seconds < 60
     finally:
         model.unload()  # take the LoRA layers out again: the session's model is shared
 

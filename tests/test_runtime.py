@@ -49,11 +49,6 @@ def test_sampled_generation_is_reproducible_for_a_seed(tiny_runtime):
     assert all(0 < g.n_tokens <= 8 for g in a)
 
 
-@pytest.mark.xfail(
-    reason="Runtime.generate calls torch.manual_seed(seed + start) when sampling, which reseeds the "
-    "caller's global RNG (lora.attach/train use torch.random.fork_rng for exactly this)",
-    strict=True,
-)
 def test_sampling_does_not_disturb_the_callers_rng(tiny_runtime):
     torch.manual_seed(123)
     expected = torch.rand(3)

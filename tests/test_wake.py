@@ -168,11 +168,18 @@ def test_a_cycle_records_everything_and_commits_atomically(tokenizer, home):
     assert [c["policy"] for c in cands] == ["passage"] + ["qa_chat"] * FAST_WAKE.candidates
     assert [c["idx"] for c in cands] == list(range(1 + FAST_WAKE.candidates))
     assert all(c["cycle_id"] == cycle["id"] for c in cands)
+    # a self-edit with nothing usable beyond the passage (the tiny model writes no
+    # grounded pair) is recorded but not trained: it would repeat passage-only
+    trained = [c for c in cands if c["note"] is None]
+    assert cands[0] in trained
     for c in cands:
+        if c not in trained:
+            assert "same as passage-only" in c["note"] and c["reward_logprob"] is None and not c["chosen"]
+    for c in trained:
         assert c["reward_logprob"] is not None and math.isfinite(c["reward_logprob"])
         assert c["reward_acc"] is not None and c["reward_f1"] is not None
         assert c["train_loss"] is not None and math.isfinite(c["train_loss"])
-        assert c["n_examples"] >= 1 and c["note"] is None
+        assert c["n_examples"] >= 1
     assert cands[0]["text"] == "" and cands[0]["n_examples"] == 1
     assert sum(c["chosen"] for c in cands) == 1
     chosen = next(c for c in cands if c["chosen"])
@@ -181,7 +188,7 @@ def test_a_cycle_records_everything_and_commits_atomically(tokenizer, home):
     # on them; the probes were scored once each, before and after, and never under a trial
     assert calls[0] == (KNOWLEDGE, reward_ids)
     trial_calls = [ids for adapter, ids in calls if adapter == TRIAL]
-    assert trial_calls == [reward_ids] * len(cands)
+    assert trial_calls == [reward_ids] * len(trained)
     probe_calls = [(adapter, ids) for adapter, ids in calls if set(ids) & set(probe_ids)]
     assert probe_calls == [(KNOWLEDGE, probe_ids), (KNOWLEDGE, probe_ids)]
     last_trial = max(i for i, (adapter, _) in enumerate(calls) if adapter == TRIAL)
@@ -211,11 +218,6 @@ def test_a_cycle_records_everything_and_commits_atomically(tokenizer, home):
     assert (job["state"], job["attempts"], job["error"]) == ("done", 1, None)
 
 
-@pytest.mark.xfail(
-    reason="agent/wake.py wake_cycle: the cycle row's timings JSON is built before the commit step is "
-    "timed, so the stored timings never include 'commit' (only the CycleReport's do)",
-    strict=True,
-)
 def test_the_stored_timings_include_the_commit(tokenizer, home):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN)])
@@ -279,11 +281,6 @@ def test_seal_history_lists_versions_newest_first(tokenizer, home, seal):
     assert all(r["title"] and r["policy"] and r["probe_acc"] is not None for r in rows)
 
 
-@pytest.mark.xfail(
-    reason="agent/cli.py history: every column is no_wrap + ellipsis, so at 80 columns (a pipe, a "
-    "standard terminal) the ids, the active '*' and the parent are cut to 'knowledge-0002…'",
-    strict=True,
-)
 def test_seal_history_table_fits_80_columns_with_whole_ids(tokenizer, home, seal):
     _two_versions(tokenizer, home)
     r = seal("history")
@@ -314,7 +311,8 @@ def test_nan_in_every_trial_rejects_and_keeps_the_previous_adapter(tokenizer, ho
     cands = store.candidates(2)
     assert len(cands) == 1 + FAST_WAKE.candidates
     for c in cands:
-        assert "non-finite" in (c["note"] or "") and not c["chosen"]
+        # trained ones hit the NaN guard; a self-edit with nothing usable is not trained at all
+        assert ("non-finite" in (c["note"] or "") or "not trained" in (c["note"] or "")) and not c["chosen"]
         assert c["reward_logprob"] is None and c["reward_acc"] is None
     assert store.active_adapter_id("knowledge") == "knowledge-0001"
     assert [a["id"] for a in store.adapters()] == ["knowledge-0001"] and folders(home) == ["knowledge-0001"]
@@ -353,12 +351,6 @@ def test_a_failure_inside_the_commit_transaction_leaves_nothing_behind(tokenizer
     assert report.adapter_id == "knowledge-0002" and job_of(store, 2)["attempts"] == 2
 
 
-@pytest.mark.xfail(
-    reason="agent/wake.py wake_cycle restores the winning trial into the live 'knowledge' adapter "
-    "before the commit; when the commit fails, nothing puts the parent's weights back, so the "
-    "process goes on with weights that no adapter row describes",
-    strict=True,
-)
 def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     store = learner.store
@@ -379,12 +371,6 @@ def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, hom
     assert all(torch.equal(saved[k], live[k]) for k in saved)
 
 
-@pytest.mark.xfail(
-    reason="agent/wake.py: WakeConfig.heartbeat_s is never used; the claim is only heartbeaten "
-    "between steps, so a step longer than stale_after_s gets a live job requeued (requeue_stale) "
-    "and learned twice by another worker",
-    strict=True,
-)
 def test_the_claim_is_heartbeaten_while_a_long_trial_trains(tokenizer, home, monkeypatch):
     wake = WakeConfig(candidates=1, self_edit_tokens=16, answer_tokens=8, heartbeat_s=0.05)
     learner = make_learner(tokenizer, home, wake=wake)
@@ -406,14 +392,16 @@ def test_the_claim_is_heartbeaten_while_a_long_trial_trains(tokenizer, home, mon
     monkeypatch.setattr(lora, "_batch_loss", slow_batch_loss)
     monkeypatch.setattr(lora, "train", watched_train)
     learn(learner)
-    assert len(gaps) == 2 and all(g > 0 for g in gaps), gaps
+    # one trained trial per candidate with usable examples (the tiny model's self-edits
+    # have none beyond the passage, so only passage-only trains here)
+    assert len(gaps) >= 1 and all(g > 0 for g in gaps), gaps
 
 
 def test_ctrl_c_gives_the_claim_back(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN)])
 
-    def interrupted(examples, seed):
+    def interrupted(examples, seed, beat=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(learner, "trial", interrupted)
@@ -526,11 +514,6 @@ def test_token_f1_as_squad(prediction, gold, f1):
     assert reward.token_f1(prediction, gold) == pytest.approx(f1)
 
 
-@pytest.mark.xfail(
-    reason="policies/reward.py normalize replaces punctuation with a space; SQuAD's official script "
-    "deletes it ('Levi's' -> 'levis', '4,300' -> '4300'), so scores differ from SQuAD's",
-    strict=True,
-)
 def test_punctuation_inside_words_is_removed_as_squad_does():
     assert reward.normalize("Levi's Stadium") == "levis stadium"
     # official evaluate-v1.1.py: P 2/7, R 1
