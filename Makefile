@@ -27,7 +27,12 @@ demo: $(STAMP)
 	rm -rf $(DEMO_HOME)
 	$(SEAL) --home $(DEMO_HOME) ingest examples/docs/ --questions examples/questions.jsonl
 	$(SEAL) --home $(DEMO_HOME) queue
-	$(SEAL) --home $(DEMO_HOME) ask --title "Velmoor" "Who founded Velmoor?"
+	@echo "--- before learning:"
+	$(SEAL) --home $(DEMO_HOME) ask --title "Ilse Tornquist" "In which town was Ilse Tornquist born?"
+	$(SEAL) --home $(DEMO_HOME) learn --max-passages 1
+	$(SEAL) --home $(DEMO_HOME) history
+	@echo "--- after learning (the answer is Pell Marrow):"
+	$(SEAL) --home $(DEMO_HOME) ask --title "Ilse Tornquist" "In which town was Ilse Tornquist born?"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

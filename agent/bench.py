@@ -110,6 +110,7 @@ def run_squad(
     candidates: int | None = None,
     say: Callable[[str], None] = lambda _m: None,
     on_passage: Callable[[int, int], None] = lambda _i, _n: None,
+    on_result: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the protocol; returns the JSON-able result (config, versions, rows, per passage)."""
     import peft
@@ -127,26 +128,33 @@ def run_squad(
     rows = {c: Row(c, [], [], [], []) for c in conds}
     per_passage = []
     breakdown: list[dict[str, float]] = []
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+    def result() -> dict:
+        return {
+            "benchmark": "squad",
+            "data": str(data_path),
+            "split": split,
+            "seed": seed,
+            "passages": len(per_passage),
+            "planned": len(data),
+            "rows": [rows[c].summary() for c in conds],
+            "best_of_n_breakdown_median_s": {k: statistics.median(b[k] for b in breakdown) for k in ("generate", "train", "score")} if breakdown else {},
+            "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
+            "versions": versions,
+            "per_passage": per_passage,
+        }
+
     for i, d in enumerate(data):
         record, bo_time = _one_passage(learner, runtime, pol, d, i, seed, policies, n_cand, zero, rows, say, len(data))
         breakdown.append(bo_time)
         per_passage.append(record)
         on_passage(i + 1, len(data))
+        if on_result:
+            on_result(result())  # a partial result survives an interrupted run
     store.close()
-    return {
-        "benchmark": "squad",
-        "data": str(data_path),
-        "split": split,
-        "seed": seed,
-        "passages": len(data),
-        "rows": [rows[c].summary() for c in conds],
-        "best_of_n_breakdown_median_s": {k: statistics.median(b[k] for b in breakdown) for k in ("generate", "train", "score")} if breakdown else {},
-        "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version(), "machine": platform.machine(),
-                     "threads": torch.get_num_threads()},
-        "per_passage": per_passage,
-    }
+    return result()
 
 
 def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
@@ -185,8 +193,14 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     t_gen = time.perf_counter() - t0
     per_edit_s = t_gen / max(len(edits), 1)
 
+    reference = self_edits.get("passage").examples(title, text, "", runtime.chat)
+
     def run_trial(name: str, edit: str, k: int) -> tuple[Scores | None, Scores | None, float, float, int]:
         examples = self_edits.get(name).examples(title, text, edit, runtime.chat)
+        if name != "passage" and examples == reference:
+            # nothing usable beyond the passage: the update would be passage-only's
+            # (as in the wake cycle, not trained again, and it cannot win best-of-N)
+            return None, p_pass, 0.0, 0.0, 0
         res = learner.trial(examples, seed=seed + 31 * i + k)
         t1 = time.perf_counter()
         if res.nan:
@@ -196,6 +210,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         return r, p, res.seconds, time.perf_counter() - t1, res.tokens
 
     say(f"[{i + 1}/{n_data}] {title}: passage-only trial")
+    p_pass = None
     r_pass, p_pass, tr_s, sc_s, tr_tok = run_trial("passage", "", 0)
     add("passage", p_pass, tr_s + sc_s, tr_tok)
     bo_trials = [selections.Trial(0, "passage", rewards.REWARDS[pol.reward](r_pass, baseline_reward),

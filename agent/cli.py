@@ -424,12 +424,18 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
     unknown = [n for n in names if n not in self_edits.SELF_EDIT_POLICIES]
     if unknown:
         fail(f"unknown self-edit policy {unknown[0]!r} (known: {', '.join(self_edits.SELF_EDIT_POLICIES)})")
-    with _progress(passages) as (say, tick):
-        result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
-                           policies=names, candidates=candidates, say=say, on_passage=tick)
     target = Path(out_path) if out_path else Path("bench-out") / f"squad-{seed}-{passages}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(jsonlib.dumps(result, indent=1), encoding="utf-8")
+
+    def save(result: dict) -> None:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(jsonlib.dumps(result, indent=1), encoding="utf-8")
+        tmp.replace(target)
+
+    with _progress(passages) as (say, tick):
+        result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
+                           policies=names, candidates=candidates, say=say, on_passage=tick, on_result=save)
+    save(result)
     _print_squad(result)
     click.echo(f"wrote {target}")
 
