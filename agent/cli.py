@@ -440,6 +440,21 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
     click.echo(f"wrote {target}")
 
 
+@bench.command("show")
+@click.argument("result_file", type=click.Path(dir_okay=False))
+def bench_show(result_file: str) -> None:
+    """Print the table of a saved benchmark result (JSON)."""
+    import json as jsonlib
+
+    try:
+        result = jsonlib.loads(Path(result_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        fail(f"{result_file}: cannot read a benchmark result ({e})")
+    if result.get("benchmark") != "squad":
+        fail(f"{result_file}: not a `seal bench squad` result")
+    _print_squad(result)
+
+
 def _print_squad(result: dict) -> None:
     from rich.table import Table
 
