@@ -10,6 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.tiny import tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -48,25 +50,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_runtime(tokenizer):
     """A tiny randomly initialised Llama with the real tokenizer: fast, deterministic."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from agent.runtime import Runtime
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return Runtime(LlamaForCausalLM(cfg), tokenizer, name="tiny")
+    return Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +61,13 @@ def real_runtime():
     from agent.runtime import ModelConfig, Runtime
 
     return Runtime.load(ModelConfig())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are thousands of times slower with 2 threads when another process
+    keeps the cores busy (OpenMP threads wait for each other): use one while a test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

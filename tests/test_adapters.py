@@ -15,32 +15,13 @@ from adapters import lora
 from adapters.lora import AdapterError, Example, LoraConfig
 from adapters.registry import AdapterRegistry
 from store import Store
+from tests.tiny import tiny_llama as build_tiny
 
 TEXT = (
     "The lighthouse of Quellport was built in 1843 by the engineer Ada Tennock. "
     "Its lamp burned whale oil until 1901, when it was fitted with an electric arc."
 )
 CFG = LoraConfig(rank=4, alpha=8, lr=1e-2, epochs=4, batch_size=4, seed=0)
-
-
-def build_tiny(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture

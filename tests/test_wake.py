@@ -34,6 +34,7 @@ from policies.config import PolicyConfig
 from policies.questions import answer_prompt, split_roles
 from policies.self_edit import PassageOnly, QAChat, parse_qa, split_lines
 from store import NewDocument, NewPassage, NewQuestion, Store
+from tests.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,28 +66,7 @@ ALWAYS = PolicyConfig(min_gain=-1e9)  # commit whatever wins: the commit path, e
 NEVER = PolicyConfig(min_gain=1e9)  # nothing clears the bar: the rejection path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are thousands of times slower with 2 threads when another process
-    keeps the cores busy (OpenMP threads wait for each other): use one while a test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_llama(tokenizer, seed: int = 0):
-    """The conftest's tiny model (hidden 16, 2 layers, the real tokenizer), built anew."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
