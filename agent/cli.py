@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class SealGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, home: str | None, overrides: tuple[str, ...], model_path: str | None, verbose: int) -> None:
     """seal: a daemon that keeps a local language model learning from your documents."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's business
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     for noisy in ("transformers", "peft", "trl", "accelerate", "apscheduler", "httpx"):
