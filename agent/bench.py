@@ -193,11 +193,9 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     t_gen = time.perf_counter() - t0
     per_edit_s = t_gen / max(len(edits), 1)
 
-    reference = self_edits.get("passage").examples(title, text, "", runtime.chat)
-
     def run_trial(name: str, edit: str, k: int) -> tuple[Scores | None, Scores | None, float, float, int]:
         examples = self_edits.get(name).examples(title, text, edit, runtime.chat)
-        if name != "passage" and examples == reference:
+        if name != "passage" and self_edits.adds_nothing(examples, title, text):
             # nothing usable beyond the passage: the update would be passage-only's
             # (as in the wake cycle, not trained again, and it cannot win best-of-N)
             return None, p_pass, 0.0, 0.0, 0

@@ -291,11 +291,10 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
 
     # 5. one trial update per candidate, scored on the reward questions
     rows, trials, snapshots = [], [], {}
-    reference = self_edits.get("passage").examples(title, text, "", chat)
     for idx, (name, edit, n_tok) in enumerate(cands):
         say(f"trial {idx + 1}/{len(cands)}: {name}")
         examples = self_edits.get(name).examples(title, text, edit, chat)
-        if name != "passage" and examples == reference and pol.include_passage:
+        if name != "passage" and pol.include_passage and self_edits.adds_nothing(examples, title, text):
             # nothing usable in this self-edit (e.g. no grounded pair): it would only
             # repeat the passage-only trial, so skip the training and say so
             trials.append(selections.Trial(idx, name, float("-inf"), float("-inf"), ok=False))

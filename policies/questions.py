@@ -3,6 +3,10 @@ reward and probe questions, and how a question is put to the model."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
 
 def answer_prompt(question: str, title: str | None = None, context: str | None = None) -> str:
     """The user message that asks a question: closed book (title as topic) or open book."""
@@ -11,11 +15,6 @@ def answer_prompt(question: str, title: str | None = None, context: str | None =
         return f"{head}Answer the question in a few words, using the passage.\nQuestion: {question}"
     topic = f"Topic: {title}\n" if title else ""
     return f"{topic}Answer the question in a few words.\nQuestion: {question}"
-
-
-import random  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Protocol  # noqa: E402
 
 
 def split_roles(question_ids: list[int], reward_fraction: float, seed: int) -> dict[int, str]:

@@ -148,6 +148,12 @@ class QAChat(SelfQA):
         return [Example(prompt="", completion=passage_text(title, text)), *items]
 
 
+def adds_nothing(examples: list[Example], title: str, text: str) -> bool:
+    """True when a self-edit's examples are just the passage-only update's: training
+    on them would repeat the passage-only trial."""
+    return examples == PassageOnly().examples(title, text, "", lambda m: m)
+
+
 SELF_EDIT_POLICIES: dict[str, type] = {}
 
 
