@@ -477,3 +477,90 @@ class Store:
         for r in rows:
             r["active"] = r["id"] == active
         return rows
+
+    # ------------------------------------------------------------------ sleep, tracking
+    # The source of truth for the schedule: the last sleep and the commits since it are
+    # read from here, never from the scheduler's memory.
+    def record_sleep(self, row: dict, now: float | None = None) -> int:
+        """Record one sleep report. Runs inside the caller's transaction when there is
+        one (the consolidated adapter's commit), so the report lands with the adapter."""
+        at = _now(now)
+        row = {"finished_at": at, **row}
+        for key in ("before", "after", "timings"):
+            if not isinstance(row.get(key), str | None):
+                row[key] = json.dumps(row[key])
+        with self.db.atomic():
+            sleep_id = self.db["sleeps"].insert(row).last_pk
+            self._event("sleep", {"id": sleep_id, "outcome": row["outcome"], "adapter_id": row.get("adapter_id")}, at)
+        return sleep_id
+
+    def sleeps(self, limit: int = 100) -> list[dict]:
+        rows = self._rows("SELECT * FROM sleeps ORDER BY id DESC LIMIT ?", [limit])
+        for r in rows:
+            for key in ("before", "after", "timings"):
+                r[key] = json.loads(r[key]) if r[key] else None
+        return rows
+
+    def last_sleep_at(self) -> float | None:
+        """When the last sleep (of any outcome but 'failed') started; None if never."""
+        row = self._one("SELECT MAX(started_at) AS t FROM sleeps WHERE outcome != 'failed'")
+        return row["t"] if row else None
+
+    def commits_since(self, at: float | None, name: str = "knowledge") -> int:
+        """Wake commits of ``name`` after time ``at`` (all of them if None)."""
+        row = self._one(
+            "SELECT count(*) AS n FROM adapters WHERE name = ? AND kind = 'wake' AND created_at > ?",
+            [name, -1.0 if at is None else at],
+        )
+        return int(row["n"]) if row else 0
+
+    def last_activity_at(self) -> float | None:
+        """The latest ingest or finished cycle: what 'idle for T' is measured from."""
+        row = self._one(
+            "SELECT MAX(t) AS t FROM (SELECT MAX(ingested_at) AS t FROM documents"
+            " UNION ALL SELECT MAX(finished_at) FROM cycles)"
+        )
+        return row["t"] if row else None
+
+    def record_editor_round(self, row: dict, now: float | None = None) -> int:
+        at = _now(now)
+        row = {"finished_at": at, **row}
+        if not isinstance(row.get("detail"), str | None):
+            row["detail"] = json.dumps(row["detail"])
+        with self.db.atomic():
+            return self.db["editor_rounds"].insert(row).last_pk
+
+    def editor_rounds(self, limit: int = 100) -> list[dict]:
+        rows = self._rows("SELECT * FROM editor_rounds ORDER BY id DESC LIMIT ?", [limit])
+        for r in rows:
+            r["detail"] = json.loads(r["detail"]) if r["detail"] else None
+        return rows
+
+    def add_drift(self, row: dict, now: float | None = None) -> None:
+        with self.db.atomic():
+            self.db["drift"].insert({"at": _now(now), **row})
+
+    def drift(self, adapter_id: str | None = None) -> list[dict]:
+        if adapter_id is None:
+            return self._rows("SELECT * FROM drift ORDER BY id")
+        return self._rows("SELECT * FROM drift WHERE adapter_id = ? ORDER BY id", [adapter_id])
+
+    def add_memorisation(self, rows: list[dict], now: float | None = None) -> None:
+        at = _now(now)
+        with self.db.atomic():
+            self.db["memorisation"].insert_all({"at": at, **r} for r in rows)
+
+    def memorisation(self, adapter_id: str | None = None) -> list[dict]:
+        if adapter_id is None:
+            return self._rows("SELECT * FROM memorisation ORDER BY id")
+        return self._rows("SELECT * FROM memorisation WHERE adapter_id = ? ORDER BY id", [adapter_id])
+
+    def probe_matrix(self) -> list[dict]:
+        """Every probe evaluation with its adapter's version (NULL adapter = base),
+        oldest first: the rows of the forgetting matrix."""
+        return self._rows(
+            """SELECT e.adapter_id, a.version, a.kind AS adapter_kind, e.passage_id, e.accuracy,
+                      e.f1, e.logprob, e.n, e.at
+               FROM evaluations e LEFT JOIN adapters a ON a.id = e.adapter_id
+               WHERE e.kind = 'probe' ORDER BY e.id"""
+        )

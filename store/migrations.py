@@ -171,3 +171,81 @@ def learning_tables(db: Database) -> None:
         not_null=["kind", "n", "at"],
     )
     db["evaluations"].create_index(["adapter_id", "passage_id"])
+
+
+@migrations(name="0003_sleep")
+def sleep_tables(db: Database) -> None:
+    """Sleep reports, ReST-EM rounds on the editor, and the two per-version trackers
+    beside the forgetting matrix (which lives in ``evaluations``): general drift and
+    verbatim memorisation."""
+    db["sleeps"].create(
+        {
+            "id": int,
+            "started_at": float,
+            "finished_at": float,
+            "trigger": str,  # manual | interval | commits | idle | cron | bench
+            "policy": str,  # replay | dream | merge
+            "outcome": str,  # kept | rolled_back | skipped | failed
+            "reason": str,
+            "parent_adapter": str,  # the knowledge version before the sleep
+            "adapter_id": str,  # the consolidated version, when kept
+            "before": str,  # JSON: retention, drift_kl, reading_acc, memorisation
+            "after": str,  # JSON: the same, measured on the consolidated weights
+            "n_examples": int,  # replayed self-edit examples
+            "n_dreams": int,  # free generations mixed in
+            "train_loss": float,
+            "timings": str,  # JSON: step -> seconds
+        },
+        pk="id",
+        not_null=["started_at", "trigger", "policy", "outcome"],
+    )
+    db["editor_rounds"].create(
+        {
+            "id": int,
+            "sleep_id": int,
+            "started_at": float,
+            "finished_at": float,
+            "outcome": str,  # kept | rejected | skipped
+            "reason": str,
+            "parent_adapter": str,  # the editor version before the round (NULL: none)
+            "adapter_id": str,  # the new editor version, when kept
+            "n_pairs": int,  # (passage -> self-edit) pairs trained on
+            "n_heldout": int,  # held-out passages the reward was measured on
+            "train_loss": float,
+            "reward_before": float,  # mean reward of self-edits written before the round
+            "reward_after": float,  # ... and after it, on the same held-out passages
+            "detail": str,  # JSON
+        },
+        pk="id",
+        not_null=["started_at", "outcome"],
+    )
+    db["drift"].create(
+        {
+            "id": int,
+            "adapter_id": str,  # NULL = the base model
+            "kl": float,  # mean per-token KL(base || model) on the fixed generic prompts
+            "reading_acc": float,  # open-book accuracy on the fixed held-out reading set
+            "n_prompts": int,
+            "n_reading": int,
+            "at": float,
+        },
+        pk="id",
+        not_null=["at"],
+    )
+    db["drift"].create_index(["adapter_id"])
+    db["memorisation"].create(
+        {
+            "id": int,
+            "adapter_id": str,  # NULL = the base model
+            "passage_id": int,
+            "exact": int,  # 1 if the greedy continuation equals the true text
+            "token_match": float,  # fraction of continuation tokens equal to the true ones
+            "prefix_tokens": int,
+            "n_tokens": int,  # continuation length compared
+            "at": float,
+        },
+        pk="id",
+        foreign_keys=[("passage_id", "passages", "id")],
+        not_null=["passage_id", "exact", "token_match", "at"],
+    )
+    db["memorisation"].create_index(["adapter_id", "passage_id"])
