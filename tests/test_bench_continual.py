@@ -1,0 +1,106 @@
+"""`seal bench continual` on a tiny random model: the shape of the forgetting matrix,
+the branch point shared by the conditions, the summary arithmetic, reproducibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.lora import LoraConfig
+from agent.bench_continual import run_continual, summarise
+from agent.config import Config
+from agent.runtime import Runtime
+from agent.wake import WakeConfig
+from policies.config import PolicyConfig
+from tests.tiny import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PASSAGES = [
+    ("Isle of Varn", "The Isle of Varn lies in the Grey Sea. Its capital is Kelmora, founded in 1702 by Hedda Lune.",
+     [("What is the capital of the Isle of Varn?", "Kelmora"), ("Who founded Kelmora?", "Hedda Lune"),
+      ("When was Kelmora founded?", "1702"), ("In which sea is the Isle of Varn?", "the Grey Sea")]),
+    ("Brisk Tower", "Brisk Tower stands in Amberlee. Tomas Quill built it in 1811; it is 41 metres tall.",
+     [("Where does Brisk Tower stand?", "Amberlee"), ("Who built Brisk Tower?", "Tomas Quill"),
+      ("When was Brisk Tower built?", "1811"), ("How tall is Brisk Tower?", "41 metres")]),
+    ("Lake Osk", "Lake Osk feeds the river Tamm. Its deepest point is 88 metres, measured by Ida Brenn in 1930.",
+     [("Which river does Lake Osk feed?", "Tamm"), ("How deep is Lake Osk?", "88 metres"),
+      ("Who measured Lake Osk?", "Ida Brenn"), ("When was Lake Osk measured?", "1930")]),
+]
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "seq.json"
+    path.write_text(json.dumps([{"title": t, "context": c, "questions": [{"question": q, "answer": a} for q, a in qa]}
+                                for t, c, qa in PASSAGES]))
+    return path
+
+
+def _cfg() -> Config:
+    cfg = Config()
+    return dataclasses.replace(
+        cfg,
+        lora=LoraConfig(rank=4, alpha=8, epochs=2, lr=1e-2),
+        wake=WakeConfig(candidates=1, self_edit_tokens=12, answer_tokens=6),
+        policies=PolicyConfig(self_edit="implications", min_gain=-1e9),
+        sleep=dataclasses.replace(cfg.sleep, epochs=1, dreams=2, dream_tokens=8),
+    )
+
+
+def _run(tokenizer, data_file: Path) -> dict:
+    runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    return run_continual(runtime, _cfg(), data_path=data_file, passages=3, sleep_every=2, seed=1, split="all")
+
+
+def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file):
+    result = _run(tokenizer, data_file)
+    by_cond = {r["condition"]: r for r in result["runs"]}
+    assert set(by_cond) == {"no-sleep", "sleep", "sleep+dreams"}
+    assert [row["kind"] for row in by_cond["no-sleep"]["rows"]] == ["wake", "wake", "wake"]
+    assert [row["kind"] for row in by_cond["sleep"]["rows"]] == ["wake", "wake", "sleep", "wake"]
+    for r in result["runs"]:
+        ids = [str(p["id"]) for p in r["passages"]]
+        for row in r["rows"]:
+            seen = row["step"] if row["kind"] == "wake" else row["step"]
+            assert list(row["scores"]) == ids[:seen]  # only passages seen so far are measured
+        # the conditions share the rows before the first sleep
+        assert r["rows"][:2] == by_cond["no-sleep"]["rows"][:2]
+    assert {s["condition"] for s in result["summary"]} == set(by_cond)
+    json.dumps(result)  # JSON-able as written
+
+
+def test_same_seed_same_figures(tokenizer, data_file):
+    a, b = _run(tokenizer, data_file), _run(tokenizer, data_file)
+    strip = lambda r: [[row["scores"] for row in run["rows"]] for run in r["runs"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert [s["final"] for s in a["summary"]] == [s["final"] for s in b["summary"]]
+
+
+def test_summary_arithmetic():
+    def row(step, scores, kind="wake"):
+        return {"kind": kind, "step": step, "scores": scores}
+
+    s = lambda acc, lp: {"accuracy": acc, "logprob": lp, "n": 2}  # noqa: E731
+    run = {
+        "condition": "sleep", "passages": [{"id": 1}, {"id": 2}],
+        "base": {"1": s(0.0, -4.0), "2": s(0.0, -5.0)},
+        "rows": [row(1, {"1": s(1.0, -1.0)}), row(2, {"1": s(0.5, -2.0), "2": s(0.5, -3.0)}),
+                 row(2, {"1": s(1.0, -1.5), "2": s(0.5, -3.0)}, kind="sleep")],
+        "memorisation": {"exact": 0.5, "token_match": 0.75, "n": 2},
+    }
+    (out,) = summarise([run], ("sleep",))
+    assert out["at_learning"] == pytest.approx(0.75)  # passage 1 at step 1, passage 2 at step 2
+    assert out["final"] == pytest.approx(0.75)  # the last row, after the sleep
+    assert out["retention"] == pytest.approx(1.0)
+    assert out["logprob_gain_at_learning"] == pytest.approx((3.0 + 2.0) / 2)
+    assert out["logprob_gain_final"] == pytest.approx((2.5 + 2.0) / 2)
+    assert out["memorisation_exact"] == 0.5
+
+
+def test_bench_continual_rejects_an_unknown_condition(seal, data_file):
+    r = seal("bench", "continual", "--data", data_file, "--conditions", "sleep,naps")
+    assert r.exit_code == 1 and "unknown condition 'naps'" in r.output
