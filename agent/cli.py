@@ -393,6 +393,282 @@ def history(app: App, as_json: bool) -> None:
     print_table(table)
 
 
+# ------------------------------------------------------------------ sleep, forgetting
+@main.command()
+@click.option("--policy", type=click.Choice(["replay", "dream", "merge"]), help="consolidation policy (default: sleep.policy)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@pass_app
+def sleep(app: App, policy: str | None, as_json: bool) -> None:
+    """Run one sleep phase now: consolidate, measure, keep or roll back."""
+    import dataclasses
+
+    from .sleep import record_skip, sleep_phase
+
+    cfg = dataclasses.replace(app.cfg.sleep, policy=policy) if policy else app.cfg.sleep
+    if not app.home.store_file.exists():  # nothing ingested: a sleep does not create the store
+        report = None
+    elif not app.store.learned_passages():  # nothing to consolidate: no need to load the model
+        report = record_skip(app.store, cfg, "manual", "no learned passage yet",
+                             app.store.active_adapter_id("knowledge"))
+    else:
+        learner = app.learner
+        learner.recover()  # leftovers of a killed commit go before a new one
+        if err.is_terminal and not as_json:
+            with err.status("sleeping...") as status:
+                report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual",
+                                     progress=lambda msg: status.update(msg[:70]))
+        else:
+            report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual",
+                                 progress=lambda msg: log.info(msg))
+    if report is None:
+        click.echo('{"outcome": "skipped", "reason": "no learned passage yet"}' if as_json
+                   else "nothing to consolidate: no passage learned yet (seal ingest, seal learn)")
+        return
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+    else:
+        _print_sleep(report)
+    if report.outcome in ("failed", "abandoned"):
+        sys.exit(1)
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _print_sleep(r) -> None:
+    import textwrap
+
+    def say(text: str) -> None:  # within 80 columns
+        click.echo(textwrap.fill(text, width=80, initial_indent="  ", subsequent_indent="    "))
+
+    head = f"sleep {r.sleep_id if r.sleep_id is not None else '-'} ({r.policy}): {r.outcome}"
+    click.echo(head + (f" -> {r.adapter_id} (was {r.parent_id or 'base'})" if r.adapter_id else ""))
+    say(r.reason)
+    if r.before:
+        after = r.after or {}
+        click.echo(f"  {'measure':<26}{'before':>9}{'after':>9}")
+        for label, key, fmt in (("retention (probe acc)", "retention", ".2f"),
+                                ("probe answer log-lik", "logprob", ".3f"),
+                                ("drift KL from base", "drift_kl", ".4f"),
+                                ("reading acc (open book)", "reading_acc", ".2f"),
+                                ("memorised (exact)", "memorisation", ".2f"),
+                                ("memorised (tokens)", "token_match", ".2f")):
+            click.echo(f"  {label:<26}{_num(r.before.get(key), fmt):>9}{_num(after.get(key), fmt):>9}")
+        say(f"{r.before.get('n_passages', 0)} passage(s) measured; trained on {r.n_examples} replayed "
+            f"example(s) and {r.n_dreams} dream(s)" + (f", final loss {r.train_loss:.3f}" if r.train_loss else ""))
+    if r.timings:
+        say("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+    if r.editor is not None:
+        e = r.editor if isinstance(r.editor, dict) else getattr(r.editor, "__dict__", {"result": str(r.editor)})
+        say(f"editor (ReST-EM): {e.get('outcome', '?')}" + (f": {e['reason']}" if e.get("reason") else ""))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON (matrix, per-passage and overall summary)")
+@pass_app
+def forgetting(app: App, as_json: bool) -> None:
+    """The forgetting matrix (probe accuracy of each learned passage under each
+    adapter version) and what it says: at-learning, best, current, forgetting."""
+    from .tracking import forgetting_summary
+
+    if not app.home.store_file.exists():
+        click.echo("{}" if as_json else "nothing learned yet")
+        return
+    s = forgetting_summary(app.store)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    if not s["passages"]:
+        click.echo("nothing learned yet (seal learn)")
+        return
+    for line in forgetting_lines(s):
+        click.echo(line)
+
+
+def forgetting_lines(s: dict, width: int = 80) -> list[str]:
+    """Plain text within ``width`` columns: the matrix in blocks of passage columns,
+    then one line per passage, then the overall numbers."""
+    lines = ["probe accuracy: rows = adapter versions (w wake, s sleep; * active), columns = passages"]
+    label_w, cell_w = 12, 5
+    per_block = max(1, (width - label_w) // cell_w)
+    pids = [p["id"] for p in s["passages"]]
+    for start in range(0, len(pids), per_block):
+        cols = range(start, min(start + per_block, len(pids)))
+        lines.append("")
+        lines.append(f"{'version':<{label_w}}" + "".join(f"{'#' + str(pids[j]):>{cell_w}}" for j in cols))
+        for i, a in enumerate(s["adapters"]):
+            tag = "base" if a["id"] is None else f"v{a['version']} {a['kind'][0]}"
+            tag += " *" if a["active"] else (" x" if a["status"] == "rolled_back" else "")
+            cells = [s["accuracy"][i][j] for j in cols]
+            if all(c is None for c in cells) and not a["active"]:
+                continue  # a version that measured none of these passages
+            lines.append(f"{tag:<{label_w}}" + "".join(f"{'.' if c is None else f'{c:.2f}':>{cell_w}}" for c in cells))
+    lines.append("")
+    head = f"{'passage':<34}{'learned':>9}{'at-learn':>9}{'best':>7}{'current':>9}{'forgot':>8}"
+    lines.append(head)
+    for p in s["per_passage"]:
+        title = f"#{p['passage_id']} {p['title']}"
+        title = title if len(title) <= 33 else title[:32] + "…"
+        learned = "v" + p["learned_by"].rsplit("-", 1)[-1].lstrip("0")
+        lines.append(f"{title:<34}{learned:>9}{_num(p['at_learning']):>9}{_num(p['best']):>7}"
+                     f"{_num(p['current']):>9}{_num(p['forgetting'], '+.2f'):>8}")
+    lines.append("")
+    lines.append(f"average accuracy {_num(s['average_accuracy'])} (at learning {_num(s['mean_at_learning'])}), "
+                 f"retention {_num(s['retention'])}")
+    lines.append(f"backward transfer {_num(s['backward_transfer'], '+.2f')}")
+    d, m = s.get("drift"), s.get("memorisation")
+    if d:
+        lines.append(f"active {s['active'] or 'base'}: drift KL {d['kl']:.4f} from the base, "
+                     f"open-book reading accuracy {d['reading_acc']:.2f}")
+    if m:
+        lines.append(f"memorised verbatim: {m['exact_rate']:.2f} exact, {m['token_match']:.2f} of tokens "
+                     f"({m['n']} passages)")
+    return lines
+
+
+# ---------------------------------------------------------------------------- daemon
+@main.group()
+def daemon() -> None:
+    """Run seal as a background service: start, stop, status, run."""
+
+
+@daemon.command("start")
+@click.option("--wait", "wait_s", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="seconds to wait for it to come up")
+@pass_app
+def daemon_start(app: App, wait_s: float) -> None:
+    """Start the daemon in the background (logs to <home>/logs/daemon.log).
+
+    It runs `seal daemon run` detached, with the same --home, --set and --model."""
+    from .daemon import DaemonError, already_running, running, start_detached
+
+    holder = running(app.home)
+    if holder:
+        fail(already_running(app.home, holder))
+    root = click.get_current_context().find_root().params
+    args = ["--home", str(app.home.root)]
+    for pair in root.get("overrides") or ():
+        args += ["--set", pair]
+    if root.get("model_path"):
+        args += ["--model", root["model_path"]]
+    args += ["-v"] * (root.get("verbose") or 0)
+    try:
+        info = start_detached(app.home, args, wait_s)
+    except DaemonError as e:
+        fail(str(e))
+    click.echo(f"seal daemon started: pid {info['pid']}, log {info.get('log')}")
+
+
+@daemon.command("stop")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0),
+              help="seconds to wait for a warm stop before stopping cold (default: daemon.stop_timeout_s)")
+@click.option("--now", is_flag=True, help="stop at once (cold): the current step is abandoned, its claim given back")
+@pass_app
+def daemon_stop(app: App, timeout_s: float | None, now: bool) -> None:
+    """Stop the daemon: it finishes or safely abandons its current step (warm);
+    after --timeout, or with --now, it stops at once (cold)."""
+    from .daemon import DaemonError, stop_daemon
+
+    try:
+        pid, how = stop_daemon(app.home, app.cfg.daemon.stop_timeout_s if timeout_s is None else timeout_s, now=now)
+    except DaemonError as e:
+        fail(str(e))
+    click.echo(f"seal daemon stopped ({how}): pid {pid}")
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@pass_app
+def daemon_status(app: App, as_json: bool) -> None:
+    """Whether the daemon runs, and what it is doing: pid, uptime, model, active
+    adapter, queue, last heartbeat, next sleep. Exits 3 when it does not run."""
+    import datetime as dt
+
+    from .daemon import daemon_status as read_status
+
+    s = read_status(app.home)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+    else:
+        def ago(secs: float | None) -> str:
+            return "-" if secs is None else _duration(secs) + " ago"
+
+        def when(t: float | None) -> str:
+            return "-" if t is None else dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+        if s["running"]:
+            click.echo(f"seal daemon: running, pid {s['pid']} on {s['host']}, up {_duration(s['uptime_s'] or 0)}")
+        else:
+            click.echo("seal daemon: not running")
+        q = s["queue"]
+        ns = s["next_sleep"] or {}
+        if ns.get("due"):
+            nxt = f"due now ({ns.get('reason')})"
+        elif ns.get("at"):
+            nxt = f"{when(ns['at'])} ({ns.get('reason')})"
+        else:
+            nxt = ns.get("reason") or "-"
+        rows = [("home", s["home"])]
+        if s["running"]:
+            rows.append(("model", s["model"] or "-"))
+        rows += [
+            ("active adapter", s["active_adapter"] or "none (base model)"),
+            ("queue", ", ".join(f"{q[k]} {k}" for k in JOB_STATES) if q else "empty (nothing ingested)"),
+            ("activity", s["activity"] or "-"),
+            ("last heartbeat", ago(s["heartbeat_age_s"])),
+            ("last sleep", when(s["last_sleep_at"])),
+            ("next sleep", nxt if s["running"] else "-"),
+            ("log", s["log"]),
+        ]
+        for k, v in rows:
+            click.echo(f"  {k + ':':<16}{v}")
+    if not s["running"]:
+        sys.exit(3)
+
+
+def _duration(secs: float) -> str:
+    secs = int(max(secs, 0))
+    d, rem = divmod(secs, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {s}s" if m else f"{s}s"
+
+
+@daemon.command("run")
+@click.option("--burst", is_flag=True, help="drain the inbox and the queue, sleeping when due, then exit")
+@click.option("--detached", is_flag=True, hidden=True, help="started by `seal daemon start`: log to the file only")
+@pass_app
+def daemon_run(app: App, burst: bool, detached: bool) -> None:
+    """Run the daemon in the foreground (for systemd; see examples/seal.service).
+
+    SIGTERM or Ctrl-C stops it warm (the current step finishes or is safely
+    abandoned); a second one stops it at once."""
+    from .daemon import AlreadyRunning, Daemon, DaemonLock, log_to_file, pid_info
+
+    lock = DaemonLock(app.home)
+    try:
+        lock.acquire(pid_info(app.home, app.cfg))
+    except AlreadyRunning as e:
+        fail(str(e))
+    with lock:
+        log_to_file(app.home, detached=detached)
+        d = Daemon(app.home, app.cfg, handle_signals=True)
+        if not burst:
+            code = d.serve()
+            if code:
+                fail(f"the daemon stopped: {d.fatal}" if d.fatal else "the daemon stopped with an error")
+            return
+        r = d.run_burst()
+    by = {k: sum(1 for i in r.inbox if i.outcome == k) for k in ("ingested", "duplicate", "failed")}
+    committed = sum(1 for c in r.cycles if c.outcome == "committed")
+    click.echo(f"inbox: {by['ingested']} ingested, {by['duplicate']} duplicate, {by['failed']} failed; "
+               f"learned {committed} of {len(r.cycles)} passage(s); {len(r.sleeps)} sleep(s)"
+               + ("; stopped early" if r.stopped else ""))
+    if any(c.outcome == "failed" for c in r.cycles):
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- bench
 @main.group()
 def bench() -> None:

@@ -21,6 +21,7 @@ from policies.config import PolicyConfig
 
 from .ingest import IngestConfig
 from .runtime import ModelConfig
+from .sleep import SleepConfig
 from .wake import WakeConfig
 
 
@@ -35,6 +36,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA updates"})
     policies: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "strategies by name"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
+    sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
 
 
 def resolve_home(home: str | os.PathLike | None) -> Path:

@@ -50,6 +50,7 @@ class WakeConfig:
     stale_after_s: float = field(default=300.0, metadata={"help": "a claim with no heartbeat for this long is requeued"})
     max_attempts: int = field(default=3, metadata={"help": "a passage that fails this often is marked failed"})
     seed: int = field(default=0, metadata={"help": "base seed of sampling and training"})
+    track: bool = field(default=True, metadata={"help": "after a commit, record general drift and verbatim memorisation of the new version"})
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,10 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
                  "probe_acc": probe_after.accuracy if probe_after else None},
         in_transaction=record,
     )
+    if cfg.track:  # drift and memorisation of the new version (never fails the commit)
+        from .tracking import track
+
+        track(learner, adapter_id, [passage["id"], *(pid for pid, _ in new_evals)])
     return CycleReport(passage["id"], title, "committed", choice.reason, adapter_id, baseline,
                        choice.idx, rows, timings, probe_before, probe_after)
 

@@ -555,6 +555,13 @@ class Store:
             return self._rows("SELECT * FROM memorisation ORDER BY id")
         return self._rows("SELECT * FROM memorisation WHERE adapter_id = ? ORDER BY id", [adapter_id])
 
+    def add_evaluations(self, rows: list[dict], now: float | None = None) -> None:
+        """Evaluation rows measured outside a wake cycle (a sleep re-measures every
+        learned passage). Runs inside the caller's transaction when there is one."""
+        at = _now(now)
+        with self.db.atomic():
+            self.db["evaluations"].insert_all({"at": at, **r} for r in rows)
+
     def probe_matrix(self) -> list[dict]:
         """Every probe evaluation with its adapter's version (NULL adapter = base),
         oldest first: the rows of the forgetting matrix."""

@@ -1,0 +1,421 @@
+"""The sleep phase: consolidate what was learned, keep it only if nothing got worse.
+
+``sleep_phase`` reads top to bottom: measure before -> consolidate into the scratch
+``trial`` adapter (replay, dream or merge, by policy) -> measure after -> gate ->
+commit (or roll back) -> a ReST-EM round on the editor. The live ``knowledge`` adapter
+is never touched until the gate has kept the result; the commit writes the adapter's
+files atomically and then, in one store transaction, the adapter row, the active
+pointer, the sleep report and the after-measures. A crash (or kill -9) at any point
+before that transaction leaves the previous version active; a stop request abandons
+the sleep at the next step or training step and commits nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adapters import lora
+from adapters.lora import Example
+from adapters.merge import merge_into
+from policies import consolidation as consolidations
+from policies import self_edit as self_edits
+from policies.consolidation import MERGE_TYPES, Mix
+from policies.reward import Scores
+
+from . import tracking
+
+log = logging.getLogger(__name__)
+
+KNOWLEDGE, TRIAL = "knowledge", "trial"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    policy: str = field(default="replay", metadata={"help": "consolidation policy: replay | dream | merge"})
+    recent: int = field(default=4, metadata={"help": "replay: the most recently learned passages always replayed"})
+    old_sample: int = field(default=4, metadata={"help": "replay: older passages sampled (seeded, a new sample each sleep)"})
+    epochs: int = field(default=3, metadata={"help": "replay/dream: passes over the mix"})
+    lr: float = field(default=0.0, metadata={"help": "replay/dream: learning rate; 0 = lora.lr"})
+    dreams: int = field(default=8, metadata={"help": "dream: free generations of the base model from BOS mixed in"})
+    dream_tokens: int = field(default=64, metadata={"help": "dream: longest free generation, in tokens"})
+    dream_temperature: float = field(default=1.0, metadata={"help": "dream: sampling temperature of the free generations"})
+    dream_top_p: float = field(default=0.95, metadata={"help": "dream: nucleus sampling of the free generations"})
+    merge_versions: int = field(default=3, metadata={"help": "merge: the last N committed knowledge versions combined"})
+    merge_type: str = field(default="ties_svd", metadata={"help": "merge: peft combination type: " + " | ".join(MERGE_TYPES)})
+    density: float = field(default=0.5, metadata={"help": "merge: fraction of values kept by TIES/DARE/magnitude pruning"})
+    max_retention_drop: float = field(default=0.0, metadata={"help": "gate: mean probe accuracy may fall by at most this"})
+    max_logprob_drop: float = field(default=0.05, metadata={"help": "gate: mean probe answer log-likelihood (nats/token) may fall by at most this"})
+    max_drift_increase: float = field(default=0.02, metadata={"help": "gate: KL from the base on the generic texts may rise by at most this"})
+    max_reading_drop: float = field(default=0.1, metadata={"help": "gate: open-book reading accuracy may fall by at most this"})
+    memorisation_tokens: int = field(default=32, metadata={"help": "memorisation: prefix and continuation length, in tokens"})
+    restem: bool = field(default=True, metadata={"help": "run a ReST-EM round on the editor after the consolidation"})
+    seed: int = field(default=0, metadata={"help": "base seed of sampling old passages, dreams and training"})
+
+    def __post_init__(self) -> None:
+        if self.policy not in consolidations.CONSOLIDATIONS:
+            raise ValueError(f"policy: unknown consolidation policy {self.policy!r} "
+                             f"(known: {', '.join(consolidations.CONSOLIDATIONS)})")
+        if self.merge_type not in MERGE_TYPES:
+            raise ValueError(f"merge_type: unknown {self.merge_type!r} (known: {', '.join(MERGE_TYPES)})")
+        for name in ("recent", "old_sample", "dreams", "dream_tokens", "merge_versions", "memorisation_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError("lr must be >= 0")
+        if not (self.dream_temperature > 0 and 0 < self.dream_top_p <= 1):
+            raise ValueError("dream_temperature must be > 0 and dream_top_p in (0, 1]")
+        if not 0 < self.density <= 1:
+            raise ValueError("density must be in (0, 1]")
+        for name in ("max_retention_drop", "max_logprob_drop", "max_drift_increase", "max_reading_drop"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class SleepReport:
+    sleep_id: int | None
+    outcome: str  # kept | rolled_back | skipped | failed | abandoned (abandoned: not recorded)
+    reason: str
+    adapter_id: str | None
+    before: dict
+    after: dict | None
+    timings: dict
+    editor: object | None = None
+    policy: str = ""
+    parent_id: str | None = None
+    n_examples: int = 0
+    n_dreams: int = 0
+    train_loss: float | None = None
+
+
+class Abandoned(Exception):
+    """A stop was requested mid-sleep: nothing is committed."""
+
+
+# ------------------------------------------------------------------- measuring
+@dataclass
+class Measures:
+    summary: dict  # what the sleep report stores (JSON)
+    scores: dict[int, Scores]
+    drift: dict
+    memorisation: list[dict]
+
+
+def measure(learner, adapter: str, passages: list[int], cfg: SleepConfig,
+            should_stop: Callable[[], bool] = lambda: False) -> Measures:
+    """Retention of every learned passage, general drift and memorisation, with
+    ``adapter`` active."""
+    scores = {}
+    for pid in passages:
+        if should_stop():
+            raise Abandoned("stop requested while measuring")
+        scores.update(tracking.retention(learner, adapter, [pid]))
+    if should_stop():
+        raise Abandoned("stop requested while measuring")
+    d = tracking.drift(learner, adapter)
+    mem = tracking.memorisation(learner, adapter, passages, cfg.memorisation_tokens, cfg.memorisation_tokens)
+    learner.model.set_adapter(KNOWLEDGE)
+    summary = {
+        "retention": _mean([s.accuracy for s in scores.values()]),
+        "logprob": _mean([s.logprob for s in scores.values()]),
+        "n_passages": len(scores),
+        "per_passage": {str(pid): [s.accuracy, s.logprob] for pid, s in scores.items()},
+        "drift_kl": d["kl"],
+        "reading_acc": d["reading_acc"],
+        "memorisation": _mean([m["exact"] for m in mem]),
+        "token_match": _mean([m["token_match"] for m in mem]),
+    }
+    return Measures(summary, scores, d, mem)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _eval_rows(adapter_id: str | None, scores: dict[int, Scores]) -> list[dict]:
+    return [{"adapter_id": adapter_id, "passage_id": pid, "kind": "probe", "accuracy": s.accuracy,
+             "f1": s.f1, "logprob": s.logprob, "n": s.n} for pid, s in scores.items()]
+
+
+def _write_measures(store, adapter_id: str | None, m: Measures) -> None:
+    store.add_evaluations(_eval_rows(adapter_id, m.scores))
+    store.add_drift({"adapter_id": adapter_id, **m.drift})
+    store.add_memorisation([{"adapter_id": adapter_id, **r} for r in m.memorisation])
+
+
+# ------------------------------------------------------------------------ the gate
+def gate(before: dict, after: dict, cfg: SleepConfig) -> tuple[bool, str]:
+    """Keep the consolidated weights only if mean retention (accuracy and answer
+    log-likelihood of the probe questions) and general drift (KL from the base,
+    open-book reading) are no worse than before, within the configured slack."""
+    checks = [  # (name, before, after, allowed change, higher is better)
+        ("retention", before["retention"], after["retention"], cfg.max_retention_drop, True),
+        ("probe log-lik", before["logprob"], after["logprob"], cfg.max_logprob_drop, True),
+        ("drift KL", before["drift_kl"], after["drift_kl"], cfg.max_drift_increase, False),
+        ("reading", before["reading_acc"], after["reading_acc"], cfg.max_reading_drop, True),
+    ]
+    worse, seen = [], []
+    for name, b, a, slack, up in checks:
+        if b is None or a is None:
+            continue
+        seen.append(f"{name} {b:.3f}->{a:.3f}")
+        if not (math.isfinite(a) and (a >= b - slack if up else a <= b + slack)):
+            worse.append(f"{name} {'fell' if up else 'rose'} {b:.3f}->{a:.3f} (allowed {'-' if up else '+'}{slack:g})")
+    if worse:
+        return False, "worse: " + "; ".join(worse)
+    return True, "no worse: " + ", ".join(seen)
+
+
+# ------------------------------------------------------------------ consolidating
+def commit_order(learner, learned: list[int]) -> list[int]:
+    """Learned passages in the order they were committed (by their latest wake version)."""
+    last = {}
+    for a in learner.registry.list(KNOWLEDGE):
+        if a["kind"] == "wake" and a["passage_id"] is not None:
+            last[a["passage_id"]] = a["version"]
+    return sorted(learned, key=lambda p: (last.get(p, 0), p))
+
+
+def committed_examples(learner, passage_id: int) -> list[Example]:
+    """A committed passage's training examples, rebuilt from the self-edit its commit
+    chose (the passage alone when none is recorded)."""
+    store = learner.store
+    p = store.passage(passage_id)
+    committed = {c["id"] for c in store.cycles(passage_id=passage_id) if c["outcome"] == "committed"}
+    chosen = [c for c in store.candidates(passage_id) if c["chosen"] and c["cycle_id"] in committed]
+    name, edit = (chosen[-1]["policy"], chosen[-1]["text"] or "") if chosen else ("passage", "")
+    if name not in self_edits.SELF_EDIT_POLICIES:
+        log.warning("passage %s was committed with unknown self-edit policy %r: replaying the passage alone",
+                    passage_id, name)
+        name, edit = "passage", ""
+    return self_edits.get(name).examples(p["title"], p["text"], edit, learner.runtime.chat)
+
+
+def dream(learner, n: int, cfg: SleepConfig, seed: int) -> list[Example]:
+    """``n`` free generations of the base model (adapters disabled) from BOS alone,
+    as plain-text examples that continue BOS."""
+    if n <= 0:
+        return []
+    rt, model = learner.runtime, learner.model
+    start = rt.tokenizer.bos_token or rt.tokenizer.eos_token
+    if not start:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to dream from")
+    model.set_adapter(KNOWLEDGE)
+    with model.disable_adapter():
+        gens = rt.generate([start] * n, max_new_tokens=cfg.dream_tokens, temperature=cfg.dream_temperature,
+                           top_p=cfg.dream_top_p, seed=seed)
+    return [Example(prompt=start, completion=g.text) for g in gens if g.text.strip()]
+
+
+def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress,
+               should_stop: Callable[[], bool], timings: dict) -> tuple[lora.TrainResult, int, int]:
+    examples = [e for pid in mix.replay for e in committed_examples(learner, pid)]
+    n_replay = len(examples)
+    t0 = time.perf_counter()
+    if mix.dreams:
+        say(f"dreaming {mix.dreams} free generation(s) from BOS")
+        dreams = dream(learner, mix.dreams, cfg, seed)
+        examples += dreams
+        timings["dream"] = time.perf_counter() - t0
+    n_dreams = len(examples) - n_replay
+    if should_stop():
+        raise Abandoned("stop requested before training")
+    say(f"consolidating: {n_replay} example(s) of {len(mix.replay)} passage(s) + {n_dreams} dream(s), "
+        f"{cfg.epochs} epoch(s)")
+    train_cfg = dataclasses.replace(learner.lora_cfg, epochs=cfg.epochs, lr=cfg.lr or learner.lora_cfg.lr, seed=seed)
+    last = [time.monotonic()]
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if should_stop():
+            raise Abandoned(f"stop requested at training step {step}/{total}")
+        if time.monotonic() - last[0] >= 5 or step == total:
+            say(f"consolidating: step {step}/{total}, loss {loss:.3f}")
+            last[0] = time.monotonic()
+
+    lora.copy_adapter(learner.model, KNOWLEDGE, TRIAL)
+    try:
+        result = lora.train(learner.model, learner.runtime.tokenizer, examples, train_cfg, adapter=TRIAL,
+                            progress=on_step)
+    finally:
+        learner.model.set_adapter(KNOWLEDGE)
+    return result, n_replay, n_dreams
+
+
+def _merge_versions(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress) -> None:
+    say(f"merging {len(mix.versions)} versions ({cfg.merge_type}): {', '.join(mix.versions)}")
+    states = []
+    for vid in mix.versions:
+        learner.registry.load_into(learner.model, TRIAL, vid)  # checks the file's sha256
+        states.append(lora.snapshot(learner.model, TRIAL))
+    merge_into(learner.model, TRIAL, states, mix.weights, cfg.merge_type, density=cfg.density, seed=seed)
+    learner.model.set_adapter(KNOWLEDGE)
+
+
+# ------------------------------------------------------------------- the phase
+def record_skip(store, cfg: SleepConfig, trigger: str, reason: str, parent_id: str | None = None,
+                now: float | None = None) -> SleepReport:
+    """Record a sleep that had nothing to do (no model needed)."""
+    at = time.time() if now is None else now
+    sleep_id = store.record_sleep({"started_at": at, "trigger": trigger, "policy": cfg.policy, "outcome": "skipped",
+                                   "reason": reason, "parent_adapter": parent_id, "before": {}, "timings": {}},
+                                  now=at)
+    log.info("sleep %s skipped: %s", sleep_id, reason)
+    return SleepReport(sleep_id, "skipped", reason, None, {}, None, {}, policy=cfg.policy, parent_id=parent_id)
+
+
+def sleep_phase(learner, cfg: SleepConfig, editor_cfg=None, trigger: str = "manual",
+                progress: Progress | None = None, should_stop: Callable[[], bool] = lambda: False,
+                now: float | None = None) -> SleepReport:
+    """One sleep. Returns what happened; the store has it all (except an abandoned
+    sleep, which records nothing but an event, so that the schedule runs it again)."""
+    say = progress or (lambda _msg: None)
+    store, registry, model = learner.store, learner.registry, learner.model
+    t_start = time.perf_counter()
+    started = time.time() if now is None else now
+
+    def finished() -> float | None:
+        return None if now is None else now + (time.perf_counter() - t_start)
+
+    parent = registry.active(KNOWLEDGE)
+    parent_id = parent["id"] if parent else None
+    learned = store.learned_passages()
+    if not learned:
+        return record_skip(store, cfg, trigger, "no learned passage yet", parent_id, now=now)
+    order = commit_order(learner, learned)
+    versions = [a["id"] for a in registry.list(KNOWLEDGE)
+                if a["status"] == "committed" and (parent is None or a["version"] <= parent["version"])]
+    seed = cfg.seed + 7919 * store.counts().get("sleeps", 0)  # each sleep samples anew
+    mix = consolidations.get(cfg.policy).plan(order, versions, cfg, seed)
+    if mix.empty:
+        return record_skip(store, cfg, trigger, mix.note or "nothing to consolidate", parent_id, now=now)
+
+    timings: dict[str, float] = {}
+    row = {"started_at": started, "trigger": trigger, "policy": cfg.policy, "parent_adapter": parent_id,
+           "n_examples": 0, "n_dreams": 0}
+    before: dict = {}
+    try:
+        # 1. before: every learned passage's probes, drift, memorisation (a matrix row)
+        say(f"sleep ({cfg.policy}): measuring {len(learned)} learned passage(s) before")
+        t0 = time.perf_counter()
+        b = measure(learner, KNOWLEDGE, learned, cfg, should_stop)
+        _write_measures(store, parent_id, b)
+        before = b.summary
+        timings["measure_before"] = time.perf_counter() - t0
+
+        # 2. consolidate into the scratch adapter
+        t0 = time.perf_counter()
+        result = None
+        if consolidations.get(cfg.policy).trains:
+            result, row["n_examples"], row["n_dreams"] = _train_mix(learner, mix, cfg, seed, say, should_stop, timings)
+            row["train_loss"] = result.final_loss
+        else:
+            _merge_versions(learner, mix, cfg, seed, say)
+        timings["consolidate"] = time.perf_counter() - t0 - timings.get("dream", 0.0)
+        if should_stop():
+            raise Abandoned("stop requested after consolidating")
+
+        # 3. after, on the consolidated weights
+        if result is not None and result.nan:
+            keep, reason, after = False, "non-finite training loss: consolidation aborted", None
+        else:
+            say("measuring after")
+            t0 = time.perf_counter()
+            a = measure(learner, TRIAL, learned, cfg, should_stop)
+            after = a.summary
+            timings["measure_after"] = time.perf_counter() - t0
+            # 4. the gate
+            keep, reason = gate(before, after, cfg)
+        if should_stop():
+            raise Abandoned("stop requested before the commit")
+    except Abandoned as e:
+        learner.reload_active()
+        store.log_event("sleep_abandoned", {"policy": cfg.policy, "trigger": trigger, "reason": str(e)})
+        log.info("sleep abandoned: %s", e)
+        return SleepReport(None, "abandoned", str(e), None, before, None, timings, policy=cfg.policy,
+                           parent_id=parent_id)
+    except Exception as e:  # a bug or a broken adapter file: record it, keep what was active
+        log.exception("sleep failed")
+        learner.reload_active()
+        reason = f"{type(e).__name__}: {e}"
+        sleep_id = store.record_sleep({**row, "outcome": "failed", "reason": reason, "before": before,
+                                       "timings": timings}, now=finished())
+        return SleepReport(sleep_id, "failed", reason, None, before, None, timings, policy=cfg.policy,
+                           parent_id=parent_id)
+
+    say(("keeping: " if keep else "rolling back: ") + reason)
+    report_row = {**row, "reason": reason, "before": before, "after": after}
+    sleep_ids: list[int] = []
+    adapter_id = None
+    if keep:
+        t0 = time.perf_counter()
+
+        def record(new_id: str) -> None:
+            timings["commit"] = time.perf_counter() - t0
+            sleep_ids.append(store.record_sleep({**report_row, "outcome": "kept", "adapter_id": new_id,
+                                                 "timings": timings}, now=finished()))
+            _write_measures(store, new_id, a)
+
+        try:
+            adapter_id = registry.commit(
+                model, TRIAL, name=KNOWLEDGE, kind="sleep", parent_id=parent_id, passage_id=None,
+                policy=cfg.policy, reward=None,
+                metrics={"sleep": True, "retention_before": before["retention"], "retention_after": after["retention"],
+                         "drift_kl_before": before["drift_kl"], "drift_kl_after": after["drift_kl"]},
+                in_transaction=record,
+            )
+        except Exception as e:
+            log.exception("sleep commit failed")
+            learner.reload_active()
+            reason = f"commit failed: {type(e).__name__}: {e}"
+            sleep_id = store.record_sleep({**report_row, "outcome": "failed", "reason": reason, "timings": timings},
+                                          now=finished())
+            return SleepReport(sleep_id, "failed", reason, None, before, after, timings, policy=cfg.policy,
+                               parent_id=parent_id)
+        lora.copy_adapter(model, TRIAL, KNOWLEDGE)  # the live adapter is the committed one now
+        model.set_adapter(KNOWLEDGE)
+        outcome = "kept"
+    else:
+        sleep_ids.append(store.record_sleep({**report_row, "outcome": "rolled_back", "timings": timings},
+                                            now=finished()))
+        outcome = "rolled_back"
+    report = SleepReport(sleep_ids[0], outcome, reason, adapter_id, before, after, timings, policy=cfg.policy,
+                         parent_id=parent_id, n_examples=row["n_examples"], n_dreams=row["n_dreams"],
+                         train_loss=row.get("train_loss"))
+    log.info("sleep %s %s%s: %s", report.sleep_id, outcome, f" -> {adapter_id}" if adapter_id else "", reason)
+
+    # 5. ReST-EM on the editor: its own round, recorded on its own; never undoes the above
+    if editor_cfg is not None and cfg.restem and getattr(editor_cfg, "enabled", True) and not should_stop():
+        report = dataclasses.replace(report, editor=_editor_round(learner, editor_cfg, report.sleep_id, progress,
+                                                                  should_stop))
+    return report
+
+
+def _editor_round(learner, editor_cfg, sleep_id: int | None, progress: Progress | None,
+                  should_stop: Callable[[], bool]) -> object:
+    t = time.time()
+    try:
+        from .editor import restem_round
+
+        return restem_round(learner, editor_cfg, sleep_id, progress=progress, should_stop=should_stop)
+    except Exception as e:
+        log.exception("ReST-EM round failed (the sleep's result stands)")
+        reason = f"{type(e).__name__}: {e}"
+        learner.reload_active()
+        try:
+            editor = learner.registry.active("editor")
+            learner.store.record_editor_round({"sleep_id": sleep_id, "started_at": t, "outcome": "failed",
+                                               "reason": reason, "parent_adapter": editor["id"] if editor else None})
+        except Exception:
+            log.exception("could not record the failed ReST-EM round")
+        return {"outcome": "failed", "reason": reason}
+    finally:
+        learner.model.set_adapter(KNOWLEDGE)

@@ -1,0 +1,320 @@
+"""What is tracked per knowledge adapter version: the forgetting matrix, general drift
+and verbatim memorisation (DESIGN.md, "What is tracked").
+
+- *Retention* (the forgetting matrix's cells): closed-book accuracy and answer
+  log-likelihood of each learned passage's probe questions, graded as in the wake
+  cycle (``Learner.score``). ``forgetting_summary`` turns the stored matrix into
+  per-passage at-learning / best / current / forgetting and the overall average
+  accuracy, backward transfer and retention.
+- *General drift*: the mean per-token KL(base || current) of next-token distributions
+  on a fixed set of generic texts (``data/generic_prompts.txt``), teacher-forced; and
+  open-book reading accuracy on a fixed held-out set (``data/reading.jsonl``): a model
+  that drifted far from its base reads worse, even with the answer in front of it.
+- *Verbatim memorisation*: greedy continuation of a passage's first tokens, exactly as
+  it was trained (``passage_text``: title, newline, text; no BOS), compared with the
+  true next tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from policies.questions import answer_prompt
+from policies.reward import Scores, is_correct
+from policies.self_edit import passage_text
+
+log = logging.getLogger(__name__)
+
+DATA = Path(__file__).resolve().parent / "data"
+KNOWLEDGE = "knowledge"
+TOP_K = 1024  # base tokens kept per position for the KL (the rest is one bin)
+
+
+# ------------------------------------------------------------------ the fixed sets
+def generic_texts() -> list[str]:
+    lines = (DATA / "generic_prompts.txt").read_text(encoding="utf-8").splitlines()
+    return [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+
+
+def reading_set() -> list[dict]:
+    """One row per question: title, context, question, answer."""
+    rows = []
+    for line in (DATA / "reading.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            rows += [{"title": rec["title"], "context": rec["context"], **q} for q in rec["questions"]]
+    return rows
+
+
+# ------------------------------------------------------------------ general drift
+@dataclass(frozen=True)
+class _BaseDists:
+    """The base model's next-token distributions on the generic texts, reduced to its
+    top-k tokens per position plus one bin for the rest (a few MB, not a full
+    vocabulary per position)."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask) per batch
+    idx: torch.Tensor  # (N, k) token ids, N = real positions over all texts
+    logp: torch.Tensor  # (N, k) base log-probabilities, float64
+    rest: torch.Tensor  # (N,) base log-probability of every other token together
+    n_texts: int
+
+
+def _batches(runtime, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tok = runtime.tokenizer
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = []
+    size = runtime.cfg.batch_size
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        width = max(len(x) for x in chunk)
+        t = torch.full((len(chunk), width), pad, dtype=torch.long)
+        m = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, x in enumerate(chunk):
+            t[row, : len(x)] = torch.tensor(x)
+            m[row, : len(x)] = 1
+        out.append((t, m))
+    return out
+
+
+@torch.no_grad()
+def _log_probs(model, batches) -> torch.Tensor:
+    """(N, V) next-token log-probabilities at every real position, in a fixed order."""
+    device = next(model.parameters()).device
+    rows = []
+    for ids, mask in batches:
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rows.append(logp[mask.to(device).bool()].cpu())
+    return torch.cat(rows)
+
+
+def _log_rest(logp_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logp_top))) per row, in float64, floored (the rest may be ~0)."""
+    rest = 1.0 - logp_top.double().exp().sum(dim=-1)
+    return rest.clamp_min(1e-30).log()
+
+
+def base_distributions(learner) -> _BaseDists:
+    """Computed once per learner (adapters disabled) and cached on it."""
+    cached = getattr(learner, "_drift_base", None)
+    if cached is not None:
+        return cached
+    model, rt = learner.model, learner.runtime
+    texts = generic_texts()
+    batches = _batches(rt, texts)
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            logp = _log_probs(model, batches)
+    finally:
+        model.train(was_training)
+    top, idx = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1)
+    base = _BaseDists(batches, idx, top.double(), _log_rest(top), len(texts))
+    learner._drift_base = base
+    return base
+
+
+def kl_from_base(learner, adapter: str) -> tuple[float, int]:
+    """Mean per-token KL(base || model with ``adapter``) on the generic texts, over the
+    base's top-k tokens and one bin for the rest (a lower bound of the full KL, tight
+    when the base puts little mass outside its top k). Returns (kl, texts)."""
+    base = base_distributions(learner)
+    model = learner.model
+    model.set_adapter(adapter)
+    was_training = model.training
+    model.eval()
+    try:
+        logp = _log_probs(model, base.batches)
+    finally:
+        model.train(was_training)
+    cur_top = logp.gather(-1, base.idx).double()
+    cur_rest = _log_rest(cur_top)
+    p_top, p_rest = base.logp.exp(), base.rest.exp()
+    kl = (p_top * (base.logp - cur_top)).sum(-1) + p_rest * (base.rest - cur_rest)
+    return float(kl.mean()), base.n_texts
+
+
+def reading_accuracy(learner, adapter: str) -> tuple[float, int]:
+    """Open-book accuracy on the fixed reading set (graded like the wake cycle)."""
+    rows = reading_set()
+    rt = learner.runtime
+    learner.model.set_adapter(adapter)
+    prompts = [rt.chat(answer_prompt(r["question"], title=r["title"], context=r["context"])) for r in rows]
+    gens = rt.generate(prompts, max_new_tokens=learner.cfg.answer_tokens)
+    correct = [is_correct(g.text, r["answer"]) for g, r in zip(gens, rows, strict=True)]
+    return sum(correct) / len(rows), len(rows)
+
+
+def drift(learner, adapter: str) -> dict:
+    """General drift of the model with ``adapter`` active: the drift table's columns."""
+    kl, n_prompts = kl_from_base(learner, adapter)
+    acc, n_reading = reading_accuracy(learner, adapter)
+    learner.model.set_adapter(KNOWLEDGE)
+    return {"kl": kl, "reading_acc": acc, "n_prompts": n_prompts, "n_reading": n_reading}
+
+
+# ------------------------------------------------------------ verbatim memorisation
+@torch.no_grad()
+def _greedy(model, tokenizer, prefixes: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
+    """Greedy continuations of token-id prefixes (left-padded batches), ``n`` tokens each."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(prefixes), batch_size):
+        chunk = prefixes[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                              do_sample=False, temperature=None, top_p=None, top_k=None,
+                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += [row[width:].tolist() for row in seqs.cpu()]
+    return out
+
+
+def memorisation(learner, adapter: str, passage_ids: list[int], prefix_tokens: int = 32,
+                 n_tokens: int = 32) -> list[dict]:
+    """Greedy continuation of each passage's first ``prefix_tokens`` tokens (as trained:
+    title, newline, text) against its true next ``n_tokens``. A short passage is split
+    in half. Rows for ``store.add_memorisation`` (without adapter_id)."""
+    rt, model = learner.runtime, learner.model
+    tok = rt.tokenizer
+    todo = []
+    for pid in passage_ids:
+        p = learner.store.passage(pid)
+        if p is None:
+            continue
+        ids = tok(passage_text(p["title"], p["text"]), add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            continue
+        k = min(prefix_tokens, max(1, len(ids) // 2))
+        todo.append((pid, ids[:k], ids[k : k + n_tokens]))
+    if not todo:
+        return []
+    model.set_adapter(adapter)
+    was_training = model.training
+    model.eval()
+    try:
+        width = max(len(true) for _, _, true in todo)
+        gens = _greedy(model, tok, [prefix for _, prefix, _ in todo], width, rt.cfg.batch_size)
+    finally:
+        model.train(was_training)
+        model.set_adapter(KNOWLEDGE)
+    rows = []
+    for (pid, prefix, true), gen in zip(todo, gens, strict=True):
+        same = sum(a == b for a, b in zip(gen, true, strict=False))
+        rows.append({"passage_id": pid, "exact": int(gen[: len(true)] == true), "token_match": same / len(true),
+                     "prefix_tokens": len(prefix), "n_tokens": len(true)})
+    return rows
+
+
+# ------------------------------------------------------------------ retention
+def retention(learner, adapter: str, passage_ids: list[int]) -> dict[int, Scores]:
+    """Closed-book probe scores of each passage that has probe questions."""
+    out = {}
+    for pid in passage_ids:
+        qs = learner.store.questions(pid, role="probe")
+        if qs:
+            out[pid] = learner.score(adapter, learner.store.passage(pid)["title"], qs)
+    learner.model.set_adapter(KNOWLEDGE)
+    return out
+
+
+def track(learner, adapter_id: str, passage_ids: list[int]) -> None:
+    """Drift and memorisation rows for the active knowledge adapter (``adapter_id``),
+    after a wake commit. Never raises: it is bookkeeping after a commit, which must
+    not turn a committed cycle into a failed one; a failure is logged."""
+    try:
+        d = drift(learner, KNOWLEDGE)
+        rows = memorisation(learner, KNOWLEDGE, passage_ids)
+        learner.store.add_drift({"adapter_id": adapter_id, **d})
+        learner.store.add_memorisation([{"adapter_id": adapter_id, **r} for r in rows])
+        log.info("tracked %s: drift KL %.4f, reading %.2f, memorised %d/%d", adapter_id, d["kl"],
+                 d["reading_acc"], sum(r["exact"] for r in rows), len(rows))
+    except Exception:
+        log.exception("tracking %s failed (the commit stands)", adapter_id)
+        learner.model.set_adapter(KNOWLEDGE)
+
+
+# ------------------------------------------------------------ the forgetting matrix
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def forgetting_summary(store) -> dict:
+    """The forgetting matrix (rows: the base, then knowledge versions in order;
+    columns: learned passages in the order they were learned; cells: probe accuracy
+    and answer log-likelihood, the latest measurement), and from it, per passage:
+    at-learning (under the version that learned it), best and current (over the
+    versions since, up to the active one), forgetting = best - current; overall:
+    average accuracy (mean current), backward transfer (mean current - at-learning,
+    all but the last learned passage) and retention (mean current / mean at-learning)."""
+    adapters = store.adapters("knowledge")
+    active = store.active_adapter_id("knowledge")
+    version = {a["id"]: a["version"] for a in adapters}
+    active_v = version.get(active, 0)
+    learned_by: dict[int, str] = {}
+    for a in adapters:
+        if a["kind"] == "wake" and a["passage_id"] is not None and a["status"] != "rolled_back":
+            learned_by.setdefault(a["passage_id"], a["id"])
+    passages = list(learned_by)  # in the order of the versions that learned them
+    cells: dict[tuple[str | None, int], dict] = {}
+    for e in store.probe_matrix():
+        cells[(e["adapter_id"], e["passage_id"])] = e  # oldest first: the latest wins
+    rows = ([{"id": None, "version": 0, "kind": "base", "status": "base", "active": active is None}]
+            if any(k[0] is None for k in cells) else [])
+    rows += [{"id": a["id"], "version": a["version"], "kind": a["kind"], "status": a["status"],
+              "active": a["id"] == active} for a in adapters]
+    acc = [[(cells.get((r["id"], p)) or {}).get("accuracy") for p in passages] for r in rows]
+    lp = [[(cells.get((r["id"], p)) or {}).get("logprob") for p in passages] for r in rows]
+
+    per = []
+    for j, pid in enumerate(passages):
+        v0 = version[learned_by[pid]]
+        since = [(r["version"], acc[i][j], lp[i][j]) for i, r in enumerate(rows)
+                 if r["id"] is not None and v0 <= r["version"] <= active_v and acc[i][j] is not None]
+        at = next(((a, ll) for v, a, ll in since if v == v0), (None, None))
+        cur = (since[-1][1], since[-1][2]) if since else (None, None)
+        best = max((a for _, a, _ in since), default=None)
+        p = store.passage(pid) or {}
+        per.append({
+            "passage_id": pid, "title": p.get("title") or "", "learned_by": learned_by[pid],
+            "at_learning": at[0], "best": best, "current": cur[0],
+            "forgetting": None if best is None or cur[0] is None else best - cur[0],
+            "logprob_at_learning": at[1], "logprob_current": cur[1],
+        })
+    both = [r for r in per if r["at_learning"] is not None and r["current"] is not None]
+    currents = [r["current"] for r in per if r["current"] is not None]
+    mean_at = _mean([r["at_learning"] for r in both])
+    mean_cur_both = _mean([r["current"] for r in both])
+    bwt = _mean([r["current"] - r["at_learning"] for r in both if r["passage_id"] != passages[-1]]) if both else None
+    d = [r for r in store.drift() if r["adapter_id"] == active]
+    latest_mem = {m["passage_id"]: m for m in store.memorisation() if m["adapter_id"] == active}
+    return {
+        "adapters": rows,
+        "passages": [{"id": r["passage_id"], "title": r["title"]} for r in per],
+        "accuracy": acc,
+        "logprob": lp,
+        "per_passage": per,
+        "average_accuracy": _mean(currents),
+        "mean_at_learning": mean_at,
+        "backward_transfer": bwt,
+        "retention": (mean_cur_both / mean_at) if mean_at else None,
+        "active": active,
+        "drift": {k: d[-1][k] for k in ("kl", "reading_acc", "n_prompts", "n_reading")} if d else None,
+        "memorisation": ({"exact_rate": _mean([m["exact"] for m in latest_mem.values()]),
+                          "token_match": _mean([m["token_match"] for m in latest_mem.values()]),
+                          "n": len(latest_mem)} if latest_mem else None),
+    }
+

@@ -1,0 +1,452 @@
+"""The sleep phase on a tiny random Llama: what a kept and a rolled-back sleep record,
+what the consolidation policies put in the mix (replay of old passages, dreams from
+BOS, merged versions), the gate, stopping mid-sleep, `seal sleep`, and kill -9 mid-sleep.
+One real-model test shows that replay brings back what a later update made the model
+forget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import lora
+from adapters.merge import merge_into
+from agent import sleep as sleep_mod
+from agent.sleep import SleepConfig, gate, sleep_phase
+from agent.wake import KNOWLEDGE, TRIAL, learn
+from policies import consolidation
+from policies.consolidation import MERGE_TYPES, Dream, Merge, Replay, merge_weights, replay_sample
+from store import Store
+from tests.test_wake import (
+    BRISK,
+    REPO,
+    VARN,
+    _check_intact,
+    _cli,
+    _env,
+    _run,
+    document,
+    file_sha,
+    make_learner,
+)
+from tests.tiny import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama and the real tokenizer as an HF folder, for ``--model``."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+MOSS = (
+    "Moss Lantern",
+    "The Moss Lantern is an inn on the road to Quarry Vale. It was opened in 1890 by Orla Pike and has nine rooms.",
+    [("Who opened the Moss Lantern?", "Orla Pike"), ("How many rooms does the Moss Lantern have?", "nine")],
+)
+# A gate that keeps anything finite: the commit path, every time.
+LAX = SleepConfig(epochs=1, dreams=2, dream_tokens=8, max_retention_drop=1e9, max_logprob_drop=1e9,
+                  max_drift_increase=1e9, max_reading_drop=1e9, memorisation_tokens=8)
+
+
+def learned_home(tokenizer, home: Path, docs=(VARN, BRISK)):
+    """A learner whose store has ``docs`` learned, one wake commit each."""
+    learner = make_learner(tokenizer, home)
+    learner.store.ingest([document(*d) for d in docs])
+    reports = learn(learner)
+    assert [r.outcome for r in reports] == ["committed"] * len(docs), [r.reason for r in reports]
+    return learner
+
+
+def live_equals_file(learner, adapter_id: str) -> bool:
+    live = lora.snapshot(learner.model, KNOWLEDGE)
+    learner.registry.load_into(learner.model, TRIAL, adapter_id)
+    stored = lora.snapshot(learner.model, TRIAL)
+    return live.keys() == stored.keys() and all(torch.equal(live[k], stored[k]) for k in live)
+
+
+# ------------------------------------------------------------------ kept, rolled back
+def test_a_kept_sleep_commits_a_sleep_version_and_records_report_and_rows(tokenizer, home):
+    learner = learned_home(tokenizer, home)
+    store = learner.store
+    parent = store.active_adapter_id(KNOWLEDGE)
+    learned = store.learned_passages()
+
+    report = sleep_phase(learner, LAX)
+
+    assert report.outcome == "kept", report.reason
+    assert report.reason.startswith("no worse")
+    new = report.adapter_id
+    assert new == "knowledge-0003" and store.active_adapter_id(KNOWLEDGE) == new
+    row = store.adapter(new)
+    assert (row["kind"], row["parent_id"], row["policy"], row["status"]) == ("sleep", parent, "replay", "committed")
+    _check_intact(store, home, new)
+    assert live_equals_file(learner, new), "the live knowledge adapter is the committed one"
+    assert store.commits_since(None) == 2, "a sleep version is not a wake commit"
+
+    (sleep,) = store.sleeps()
+    assert sleep["id"] == report.sleep_id
+    assert (sleep["outcome"], sleep["adapter_id"], sleep["parent_adapter"], sleep["trigger"]) == (
+        "kept", new, parent, "manual")
+    assert sleep["n_examples"] == report.n_examples > 0 and sleep["n_dreams"] == 0
+    assert set(sleep["before"]) >= {"retention", "logprob", "drift_kl", "reading_acc", "memorisation"}
+    assert sleep["after"]["per_passage"].keys() == sleep["before"]["per_passage"].keys()
+    assert {"measure_before", "consolidate", "measure_after", "commit"} <= set(sleep["timings"])
+    # a forgetting-matrix row before (the parent) and after (the new version)
+    for adapter in (parent, new):
+        probed = {e["passage_id"] for e in store.evaluations(adapter_id=adapter) if e["kind"] == "probe"}
+        assert probed == set(learned)
+        assert store.drift(adapter), adapter
+        assert {m["passage_id"] for m in store.memorisation(adapter)} >= set(learned)
+    after = {e["passage_id"]: e for e in store.evaluations(adapter_id=new)}
+    for pid, (acc, lp) in sleep["after"]["per_passage"].items():
+        assert (after[int(pid)]["accuracy"], after[int(pid)]["logprob"]) == pytest.approx((acc, lp))
+
+
+def test_a_worse_sleep_is_rolled_back_and_says_why(tokenizer, home):
+    learner = learned_home(tokenizer, home)
+    store = learner.store
+    active = store.active_adapter_id(KNOWLEDGE)
+    versions = len(store.adapters(KNOWLEDGE))
+    # Retraining on the same mix with a large step moves the model further from the
+    # base (measured: KL 0.00016 -> 0.00049 on the tiny model), and a strict gate
+    # allows no drift at all.
+    cfg = SleepConfig(epochs=2, lr=0.5, memorisation_tokens=8, max_drift_increase=0.0, max_logprob_drop=0.0)
+
+    report = sleep_phase(learner, cfg)
+
+    assert report.outcome == "rolled_back"
+    assert report.adapter_id is None
+    assert report.reason.startswith("worse: ") and "drift KL rose" in report.reason, report.reason
+    assert store.active_adapter_id(KNOWLEDGE) == active
+    assert len(store.adapters(KNOWLEDGE)) == versions
+    _check_intact(store, home, active)
+    assert live_equals_file(learner, active)
+    (sleep,) = store.sleeps()
+    assert (sleep["outcome"], sleep["adapter_id"], sleep["reason"]) == ("rolled_back", None, report.reason)
+    assert report.after["drift_kl"] > report.before["drift_kl"]
+    assert sleep["after"] == report.after and sleep["before"] == report.before
+
+
+def test_the_gate_keeps_what_is_no_worse_and_names_what_is():
+    before = {"retention": 0.5, "logprob": -2.0, "drift_kl": 0.10, "reading_acc": 0.8}
+    cfg = SleepConfig()
+    assert gate(before, dict(before), cfg)[0]
+    assert gate(before, {**before, "retention": 0.75, "drift_kl": 0.09}, cfg)[0]
+    keep, why = gate(before, {**before, "retention": 0.25}, cfg)
+    assert not keep and "retention fell 0.500->0.250" in why
+    keep, why = gate(before, {**before, "drift_kl": 0.5, "reading_acc": 0.5}, cfg)
+    assert not keep and "drift KL rose" in why and "reading fell" in why
+    assert not gate(before, {**before, "logprob": float("nan")}, cfg)[0]
+    assert gate(before, {**before, "drift_kl": 0.10 + cfg.max_drift_increase / 2}, cfg)[0]
+    # nothing measured (no probe questions): only what was measured is compared
+    assert gate({**before, "retention": None}, {**before, "retention": None}, cfg)[0]
+
+
+# ------------------------------------------------------------------------ the mix
+def test_replay_takes_the_recent_passages_and_a_seeded_sample_of_old_ones():
+    learned = list(range(1, 11))
+    knobs = SleepConfig(recent=2, old_sample=3)
+    mix = Replay().plan(learned, [], knobs, seed=1)
+    assert mix.replay[-2:] == (9, 10) and len(mix.replay) == 5
+    assert set(mix.replay[:3]) <= set(range(1, 9)) and list(mix.replay) == sorted(mix.replay)
+    assert Replay().plan(learned, [], knobs, seed=1) == mix  # seeded
+    samples = {Replay().plan(learned, [], knobs, seed=s).replay for s in range(10)}
+    assert len(samples) > 1, "each sleep rehearses other old passages"
+    assert replay_sample([1, 2], recent=4, old_sample=4, seed=0) == (1, 2)
+    assert replay_sample([], 4, 4, 0) == () and Replay().plan([], [], knobs, 0).empty
+    assert Dream().plan(learned, [], dataclasses.replace(knobs, dreams=5), seed=1) == dataclasses.replace(mix, dreams=5)
+
+
+def test_merge_plans_the_last_versions_and_needs_two():
+    knobs = SleepConfig(merge_versions=3, merge_type="ties")
+    mix = Merge().plan([1, 2], ["k1", "k2", "k3", "k4"], knobs, 0)
+    assert (mix.versions, mix.weights) == (("k2", "k3", "k4"), (1.0, 1.0, 1.0))
+    assert Merge().plan([1], ["k1"], knobs, 0).empty
+    assert merge_weights("svd", 4) == (0.25,) * 4 and merge_weights("linear", 2) == (0.25, 0.25)
+
+
+def test_consolidation_policies_are_registered_by_name():
+    assert set(consolidation.CONSOLIDATIONS) == {"replay", "dream", "merge"}
+    with pytest.raises(ValueError, match="already registered"):
+        consolidation.register(Replay)
+    with pytest.raises(ValueError, match="unknown consolidation policy 'nap'"):
+        consolidation.get("nap")
+    with pytest.raises(ValueError, match="nap"):
+        SleepConfig(policy="nap")
+
+
+def _capture_training(monkeypatch) -> list:
+    seen = []
+    real = lora.train
+
+    def train(model, tok, examples, cfg, adapter="knowledge", progress=None):
+        seen.append((list(examples), cfg, adapter))
+        return real(model, tok, examples, cfg, adapter=adapter, progress=progress)
+
+    monkeypatch.setattr(sleep_mod.lora, "train", train)
+    return seen
+
+
+def test_replay_retrains_old_passages_from_their_committed_self_edits(tokenizer, home, monkeypatch):
+    learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
+    store = learner.store
+    first, *_ = store.learned_passages()
+    seen = _capture_training(monkeypatch)
+    cfg = dataclasses.replace(LAX, recent=1, old_sample=2, epochs=2, lr=1e-3)
+
+    report = sleep_phase(learner, cfg)
+
+    ((examples, train_cfg, adapter),) = seen
+    assert adapter == TRIAL and (train_cfg.epochs, train_cfg.lr) == (2, 1e-3)
+    expected = []
+    for pid in store.learned_passages():
+        (chosen,) = [c for c in store.candidates(pid) if c["chosen"]]
+        p = store.passage(pid)
+        from policies import self_edit
+
+        expected += self_edit.get(chosen["policy"]).examples(p["title"], p["text"], chosen["text"],
+                                                               learner.runtime.chat)
+    assert examples == expected, "every passage (the oldest included) replayed from its chosen self-edit"
+    assert any(first == pid for pid in store.learned_passages())
+    assert report.n_examples == len(expected) and report.n_dreams == 0
+
+
+def test_dreams_are_free_generations_from_bos_with_adapters_disabled(tokenizer, home, monkeypatch):
+    learner = learned_home(tokenizer, home)
+    rt = learner.runtime
+    calls = []
+    real_generate = rt.generate
+
+    def generate(prompts, **kw):
+        disabled = any(getattr(m, "disable_adapters", False) for m in learner.model.modules())
+        out = real_generate(prompts, **kw)
+        calls.append((list(prompts), kw, disabled, out))
+        return out
+
+    monkeypatch.setattr(rt, "generate", generate)
+    seen = _capture_training(monkeypatch)
+    cfg = dataclasses.replace(LAX, policy="dream", dreams=3, dream_tokens=6)
+
+    report = sleep_phase(learner, cfg)
+
+    (dream_call,) = [c for c in calls if c[0] == [tokenizer.bos_token] * 3]
+    prompts, kw, disabled, gens = dream_call
+    assert disabled, "dreams come from the base model"
+    assert kw["max_new_tokens"] == 6 and kw["temperature"] == cfg.dream_temperature > 0
+    ((examples, _, _),) = seen
+    dreams = [e for e in examples if e.prompt == tokenizer.bos_token]
+    assert [d.completion for d in dreams] == [g.text for g in gens if g.text.strip()]
+    assert len(examples) > len(dreams) > 0, "dreams are mixed with the replayed self-edits"
+    assert report.n_dreams == len(dreams) and store_row(learner)["n_dreams"] == len(dreams)
+
+
+def store_row(learner) -> dict:
+    return learner.store.sleeps()[0]
+
+
+# ------------------------------------------------------------------------- merging
+@pytest.mark.parametrize("kind", MERGE_TYPES)
+def test_merging_copies_of_one_adapter_gives_it_back(tokenizer, kind):
+    """The weights of ``merge_weights`` make a merge of similar versions their mean: k
+    copies of one update merge into that update (density 1: nothing pruned)."""
+    model = lora.attach(tiny_llama(tokenizer), lora.LoraConfig(rank=4, alpha=8), names=("one", "two"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".one." in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    state = lora.snapshot(model, "one")
+    merge_into(model, "two", [state] * 3, merge_weights(kind, 3), kind, density=1.0)
+    merged = lora.snapshot(model, "two")
+    assert set(model.peft_config) == {"one", "two"}, "the temporary adapters are gone"
+    for key in [k for k in state if "lora_A" in k]:
+        kb = key.replace("lora_A", "lora_B")
+        want = state[kb] @ state[key]
+        got = merged[kb] @ merged[key]
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (kind, key)
+
+
+def test_a_merge_sleep_yields_an_adapter_that_loads_into_knowledge(tokenizer, home):
+    learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
+    store = learner.store
+    versions = [a["id"] for a in store.adapters(KNOWLEDGE)]
+    cfg = dataclasses.replace(LAX, policy="merge", merge_versions=2, merge_type="ties_svd")
+
+    report = sleep_phase(learner, cfg)
+
+    assert report.outcome == "kept", report.reason
+    assert report.n_examples == 0 and store.adapter(report.adapter_id)["policy"] == "merge"
+    assert store.active_adapter_id(KNOWLEDGE) == report.adapter_id
+    learner.registry.load_into(learner.model, KNOWLEDGE, report.adapter_id)  # same shapes as knowledge
+    assert live_equals_file(learner, report.adapter_id)
+    # it differs from both inputs (it is their merge)
+    for vid in versions[-2:]:
+        assert file_sha(home / "adapters" / vid) != store.adapter(report.adapter_id)["sha256"]
+    assert set(learner.model.peft_config) >= {KNOWLEDGE, TRIAL}
+    assert not [n for n in learner.model.peft_config if n.startswith("_merge")]
+
+
+def test_a_merge_with_one_version_is_skipped(tokenizer, home):
+    learner = learned_home(tokenizer, home, (VARN,))
+    report = sleep_phase(learner, dataclasses.replace(LAX, policy="merge"))
+    assert report.outcome == "skipped" and "nothing to merge" in report.reason
+    assert learner.store.sleeps()[0]["outcome"] == "skipped"
+
+
+# ------------------------------------------------------------- skipping, stopping
+def test_a_sleep_with_nothing_learned_is_skipped(tokenizer, home):
+    learner = make_learner(tokenizer, home)
+    report = sleep_phase(learner, LAX)
+    assert (report.outcome, report.reason) == ("skipped", "no learned passage yet")
+    (row,) = learner.store.sleeps()
+    assert row["outcome"] == "skipped" and learner.store.adapters() == []
+
+
+def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, home):
+    learner = learned_home(tokenizer, home)
+    store = learner.store
+    active = store.active_adapter_id(KNOWLEDGE)
+    calls = [0]
+
+    def should_stop() -> bool:  # true once training has begun
+        calls[0] += 1
+        return calls[0] > len(store.learned_passages()) + 3
+
+    report = sleep_phase(learner, dataclasses.replace(LAX, epochs=50), should_stop=should_stop)
+
+    assert report.outcome == "abandoned" and report.sleep_id is None
+    assert "stop requested" in report.reason
+    assert store.sleeps() == [], "not recorded: the schedule runs it again"
+    assert store.events(kind="sleep_abandoned")
+    assert store.active_adapter_id(KNOWLEDGE) == active and len(store.adapters()) == 2
+    assert live_equals_file(learner, active)
+
+
+def test_a_failing_editor_round_never_undoes_a_kept_consolidation(tokenizer, home, monkeypatch):
+    import agent.editor
+
+    learner = learned_home(tokenizer, home)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("editor exploded")
+
+    monkeypatch.setattr(agent.editor, "restem_round", boom)
+    editor_cfg = type("EditorCfg", (), {"enabled": True})()
+    report = sleep_phase(learner, LAX, editor_cfg=editor_cfg)
+
+    assert report.outcome == "kept"
+    assert learner.store.active_adapter_id(KNOWLEDGE) == report.adapter_id
+    assert report.editor == {"outcome": "failed", "reason": "RuntimeError: editor exploded"}
+    (round_,) = learner.store.editor_rounds()
+    assert (round_["sleep_id"], round_["outcome"]) == (report.sleep_id, "failed")
+
+
+def test_a_failure_mid_sleep_is_recorded_and_keeps_the_active_adapter(tokenizer, home, monkeypatch):
+    learner = learned_home(tokenizer, home)
+    active = learner.store.active_adapter_id(KNOWLEDGE)
+
+    def broken(*a, **k):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(sleep_mod.lora, "train", broken)
+    report = sleep_phase(learner, LAX)
+    assert (report.outcome, report.reason) == ("failed", "OSError: disk on fire")
+    assert learner.store.sleeps()[0]["outcome"] == "failed"
+    assert learner.store.active_adapter_id(KNOWLEDGE) == active and live_equals_file(learner, active)
+
+
+# ----------------------------------------------------------------------- seal sleep
+def test_seal_sleep_on_an_empty_home_or_store_loads_no_model(seal, home, tmp_path):
+    r = seal("--model", tmp_path / "no-such-model", "sleep")
+    assert r.exit_code == 0, r.output
+    assert "nothing to consolidate" in r.stdout
+    assert not (home / "store.db").exists()
+    doc = tmp_path / "varn.json"
+    doc.write_text(json.dumps({"title": VARN[0], "context": VARN[1]}), encoding="utf-8")
+    assert seal("ingest", doc).exit_code == 0
+    r = seal("--model", tmp_path / "no-such-model", "sleep", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["outcome"], report["reason"]) == ("skipped", "no learned passage yet")
+    with Store(home / "store.db") as store:
+        assert [s["outcome"] for s in store.sleeps()] == ["skipped"]
+
+
+def test_seal_sleep_prints_its_report(tmp_path, home, tiny_dir, seal):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for title, text, qas in (VARN, BRISK):
+        record = {"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]}
+        (docs / f"{title}.json").write_text(json.dumps(record), encoding="utf-8")
+    assert seal("--model", tiny_dir, "ingest", docs).exit_code == 0
+    _run(_cli(home, tiny_dir, "--set", "policies.min_gain=-1e9", "learn"))
+    lax = [f"--set=sleep.{k}=1e9" for k in ("max_retention_drop", "max_logprob_drop", "max_drift_increase",
+                                             "max_reading_drop")]
+    r = _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
+    lines = r.stdout.splitlines()
+    assert lines[0] == "sleep 1 (replay): kept -> knowledge-0003 (was knowledge-0002)", r.stdout
+    assert any(line.split()[:2] == ["retention", "(probe"] for line in lines)
+    assert max(map(len, lines)) <= 80
+    assert "measuring 2 learned passage(s) before" in r.stderr  # the progress lines (-v)
+
+
+# ------------------------------------------------------------------ kill -9 mid-sleep
+def test_kill_9_mid_sleep_leaves_the_previous_adapter_active(seal, home, tmp_path, tiny_dir):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for title, text, qas in (VARN, BRISK):
+        record = {"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]}
+        (docs / f"{title}.json").write_text(json.dumps(record), encoding="utf-8")
+    assert seal("--model", tiny_dir, "ingest", docs).exit_code == 0
+    _run(_cli(home, tiny_dir, "--set", "policies.min_gain=-1e9", "learn"))
+    with Store(home / "store.db") as store:
+        _check_intact(store, home, "knowledge-0002")
+        counts = store.counts()
+
+    # slow consolidation (many epochs), killed as soon as it trains
+    proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "sleep.epochs=2000", "--set", "sleep.restem=false",
+                                 "--set", "sleep.max_drift_increase=1e9", "sleep"),
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            seen.append(line)
+            if "consolidating: step" in line or time.monotonic() > deadline:
+                break
+        assert any("consolidating: step" in line for line in seen), "".join(seen)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    with Store(home / "store.db") as store:
+        _check_intact(store, home, "knowledge-0002")
+        assert store.sleeps() == []
+        after = store.counts()
+        assert after["adapters"] == counts["adapters"] and after["sleeps"] == 0
+
+    # the next sleep runs to the end (the schedule's truth is the store: no sleep yet)
+    lax = [f"--set=sleep.{k}=1e9" for k in ("max_retention_drop", "max_logprob_drop", "max_drift_increase",
+                                             "max_reading_drop")]
+    _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
+    with Store(home / "store.db") as store:
+        (sleep,) = store.sleeps()
+        assert sleep["outcome"] == "kept"
+        _check_intact(store, home, sleep["adapter_id"])
+    assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
