@@ -19,6 +19,7 @@ from pathlib import Path
 from adapters.lora import LoraConfig
 from policies.config import PolicyConfig
 
+from .editor import EditorConfig
 from .ingest import IngestConfig
 from .runtime import ModelConfig
 from .sleep import SleepConfig
@@ -36,6 +37,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA updates"})
     policies: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "strategies by name"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
+    editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
 
 

@@ -12,6 +12,7 @@ the passage claimable again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-KNOWLEDGE, TRIAL = "knowledge", "trial"
+KNOWLEDGE, TRIAL, EDITOR = "knowledge", "trial", "editor"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def worker_id() -> str:
 
 class Learner:
     """The resident pieces a wake cycle needs: one base model carrying the
-    ``knowledge`` adapter (what was learned) and a ``trial`` adapter (scratch)."""
+    ``knowledge`` adapter (what was learned), a ``trial`` adapter (scratch) and the
+    ``editor`` adapter (how to write self-edits; trained by ReST-EM in sleep)."""
 
     def __init__(self, runtime: Runtime, store: Store, registry: AdapterRegistry,
                  lora_cfg: lora.LoraConfig, policies: PolicyConfig, wake: WakeConfig):
@@ -89,14 +91,26 @@ class Learner:
         self.lora_cfg, self.policies, self.cfg = lora_cfg, policies, wake
         self.worker = worker_id()
         base = runtime.model
-        self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL))
+        self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL, EDITOR))
         runtime.model = self.model
         self._zero = lora.snapshot(self.model, KNOWLEDGE)  # a fresh LoRA is the base model
         active = registry.active(KNOWLEDGE)
         if active:
             registry.load_into(self.model, KNOWLEDGE, active["id"])
+        self.editor_id: str | None = None
+        self.load_editor()
         self.model.set_adapter(KNOWLEDGE)
         self.model.eval()
+
+    def load_editor(self) -> None:
+        """Make the live editor adapter equal the store's active editor version (none:
+        self-edits are written by the base model, adapters disabled)."""
+        active = self.registry.active(EDITOR)
+        if active:
+            self.registry.load_into(self.model, EDITOR, active["id"])
+        else:
+            lora.restore(self.model, EDITOR, self._zero)
+        self.editor_id = active["id"] if active else None
 
     # -------------------------------------------------------------- measuring
     def score(self, adapter: str, title: str, qs: list[dict], context: str | None = None) -> Scores:
@@ -173,24 +187,32 @@ class Learner:
             kept.append(NewQuestion(question=q, answer=a, origin="self"))
         return kept
 
-    def sample_self_edits(self, passage: dict, names: list[str], seed: int) -> list[tuple[str, str, int]]:
+    def sample_self_edits(self, passage: dict, names: list[str], seed: int,
+                          writer: str | None = None) -> list[tuple[str, str, int]]:
         """One self-edit per entry of ``names`` (policy names, repeats allowed), in one
         batched generation; sampled, so that repeats of a policy differ. Returns
-        (policy, text, tokens) for the policies that generate."""
+        (policy, text, tokens) for the policies that generate. The writer is the
+        ``editor`` adapter once ReST-EM has committed a version of it, else the base
+        model (adapters disabled); ``writer`` names another adapter (a candidate editor
+        being measured)."""
         todo = [(n, self_edits.get(n)) for n in names]
         todo = [(n, p, p.prompt(passage["title"], passage["text"])) for n, p in todo]
         todo = [t for t in todo if t[2] is not None]
         if not todo:
             return []
-        self.model.set_adapter(KNOWLEDGE)
-        with self.model.disable_adapter():  # the editor adapter arrives with ReST-EM
-            gens = self.runtime.generate(
-                [self.runtime.chat(user) for _, _, user in todo],
-                max_new_tokens=min(self.cfg.self_edit_tokens, max(p.max_new_tokens for _, p, _ in todo)),
-                temperature=self.policies.temperature,
-                top_p=self.policies.top_p,
-                seed=seed,
-            )
+        writer = writer or (EDITOR if self.editor_id else None)
+        self.model.set_adapter(writer or KNOWLEDGE)
+        try:
+            with self.model.disable_adapter() if writer is None else contextlib.nullcontext():
+                gens = self.runtime.generate(
+                    [self.runtime.chat(user) for _, _, user in todo],
+                    max_new_tokens=min(self.cfg.self_edit_tokens, max(p.max_new_tokens for _, p, _ in todo)),
+                    temperature=self.policies.temperature,
+                    top_p=self.policies.top_p,
+                    seed=seed,
+                )
+        finally:
+            self.model.set_adapter(KNOWLEDGE)
         return [(n, g.text, g.n_tokens) for (n, _, _), g in zip(todo, gens, strict=True)]
 
     def trial(self, examples: list[lora.Example], seed: int, beat: Callable[[], None] | None = None) -> lora.TrainResult:

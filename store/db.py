@@ -536,6 +536,65 @@ class Store:
             r["detail"] = json.loads(r["detail"]) if r["detail"] else None
         return rows
 
+    def restem_pairs(self, margin: float, limit: int, per_passage: int) -> list[dict]:
+        """(passage -> self-edit) pairs for ReST-EM: candidates whose reward_logprob beats
+        the passage-only trial of the same cycle by more than ``margin`` (the no-update
+        baseline, i.e. 0, when the cycle has no scored passage-only trial). Identical
+        texts count once; at most ``per_passage`` per passage; best advantage first.
+        Each row: candidate_id, cycle_id, passage_id, title, passage_text, policy,
+        text, reward, passage_reward (NULL: none), advantage."""
+        return self._rows(
+            """WITH scored AS (
+                   SELECT c.id AS candidate_id, c.cycle_id, c.passage_id, c.policy, c.text,
+                          c.reward_logprob AS reward,
+                          (SELECT po.reward_logprob FROM candidates po
+                             WHERE po.cycle_id = c.cycle_id AND po.policy = 'passage'
+                               AND po.reward_logprob IS NOT NULL
+                             ORDER BY po.idx LIMIT 1) AS passage_reward
+                   FROM candidates c
+                   WHERE c.policy != 'passage' AND c.reward_logprob IS NOT NULL
+                     AND TRIM(COALESCE(c.text, '')) != ''),
+               kept AS (
+                   SELECT s.*, s.reward - COALESCE(s.passage_reward, 0.0) AS advantage,
+                          ROW_NUMBER() OVER (PARTITION BY s.passage_id, s.policy, s.text
+                                             ORDER BY s.reward DESC, s.candidate_id) AS copy
+                   FROM scored s
+                   WHERE s.reward - COALESCE(s.passage_reward, 0.0) > ?),
+               ranked AS (
+                   SELECT k.*, ROW_NUMBER() OVER (PARTITION BY k.passage_id
+                                                  ORDER BY k.advantage DESC, k.candidate_id) AS rank
+                   FROM kept k WHERE k.copy = 1)
+               SELECT r.candidate_id, r.cycle_id, r.passage_id, p.title, p.text AS passage_text,
+                      r.policy, r.text, r.reward, r.passage_reward, r.advantage
+               FROM ranked r JOIN passages p ON p.id = r.passage_id
+               WHERE r.rank <= ?
+               ORDER BY r.advantage DESC, r.candidate_id LIMIT ?""",
+            [margin, per_passage, limit],
+        )
+
+    def restem_heldout(self, exclude: Iterable[int], limit: int) -> list[dict]:
+        """Passages to measure an editor on, none of ``exclude``: queued (pending)
+        passages that have questions first, oldest first; then learned passages that
+        have reward questions, newest first. Each row: id, title, text, source
+        (pending | learned)."""
+        skip = sorted(set(exclude))
+        marks = ",".join("?" * len(skip))
+        return self._rows(
+            f"""SELECT * FROM (
+                    SELECT p.id, p.title, p.text, 'pending' AS source, 0 AS tier, p.id AS turn
+                    FROM passages p
+                    WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.passage_id = p.id AND j.state = 'pending')
+                      AND EXISTS (SELECT 1 FROM questions q WHERE q.passage_id = p.id)
+                    UNION ALL
+                    SELECT p.id, p.title, p.text, 'learned', 1, -p.id
+                    FROM passages p
+                    WHERE EXISTS (SELECT 1 FROM cycles c WHERE c.passage_id = p.id AND c.outcome = 'committed')
+                      AND EXISTS (SELECT 1 FROM questions q WHERE q.passage_id = p.id AND q.role = 'reward'))
+                WHERE id NOT IN ({marks or "SELECT NULL WHERE 0"})
+                ORDER BY tier, turn LIMIT ?""",
+            [*skip, limit],
+        )
+
     def add_drift(self, row: dict, now: float | None = None) -> None:
         with self.db.atomic():
             self.db["drift"].insert({"at": _now(now), **row})
