@@ -349,6 +349,8 @@ def test_sft_leaves_the_resident_model_as_it_found_it(tokenizer, tmp_path):
     model, base = learner.model, learner.model.get_base_model()
     prompt = learner.runtime.chat("Say something.")
     before = learner.runtime.generate([prompt], max_new_tokens=8)
+    tok = learner.runtime.tokenizer  # the session's shared tokenizer: must come back as it was
+    tok_state = (tok.padding_side, tok.truncation_side, tok.pad_token, tok.eos_token, tok.chat_template, len(tok))
     lora.copy_adapter(model, EDITOR, TRIAL)
     torch.manual_seed(123)
     expected_rng = torch.rand(1)
@@ -362,6 +364,7 @@ def test_sft_leaves_the_resident_model_as_it_found_it(tokenizer, tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
     assert same(lora.snapshot(model, KNOWLEDGE), knowledge)
     assert learner.runtime.generate([prompt], max_new_tokens=8) == before
+    assert (tok.padding_side, tok.truncation_side, tok.pad_token, tok.eos_token, tok.chat_template, len(tok)) == tok_state
     assert not same(lora.snapshot(model, TRIAL), lora.snapshot(model, EDITOR))  # the scratch did train
 
 
@@ -396,7 +399,8 @@ MIN_LOGLIK_GAIN = 0.3  # nats per completion token
 def test_sft_teaches_the_editor_its_pairs(tmp_path):
     """SFT on four (prompt -> self-edit) pairs with the real model raises the
     log-likelihood of those self-edits under the editor adapter, and the editor's
-    greedy self-edits move toward them (token F1)."""
+    greedy self-edits move toward them (token F1). Measured on 2 CPU cores: -0.72 ->
+    -0.06 nats/token, F1 0.45 -> 0.86, SFT 36 s, the whole test about 60 s."""
     from agent.runtime import ModelConfig
 
     torch.set_num_threads(1)
