@@ -751,6 +751,97 @@ def _print_squad(result: dict) -> None:
                    + f"; total {sum(b.values()):.1f}")
 
 
+@bench.command("continual")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--passages", default=8, show_default=True, type=click.IntRange(min=2), help="passages learned in sequence")
+@click.option("--sleep-every", default=4, show_default=True, type=click.IntRange(min=1), help="sleep after every N updates")
+@click.option("--sequences", default=1, show_default=True, type=click.IntRange(min=1), help="sequences (seeds seed, seed+1, ...)")
+@click.option("--seed", default=0, show_default=True, help="draws passages, seeds sampling and training")
+@click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="eval", show_default=True,
+              help="eval: passages never used for tuning; tune: the tuning split")
+@click.option("--conditions", default="no-sleep,sleep,sleep+dreams", show_default=True, help="conditions to run")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/continual-<seed>-<n>.json)")
+@pass_app
+def bench_continual(app: App, data_path: str | None, passages: int, sleep_every: int, sequences: int, seed: int,
+                    split: str, conditions: str, out_path: str | None) -> None:
+    """Learn passages in sequence; the forgetting matrix with and without sleep and dreams."""
+    from .bench import DEFAULT_DATA
+    from .bench_continual import CONDITIONS, dumps, plot, run_continual
+
+    path = Path(data_path) if data_path else DEFAULT_DATA
+    if not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    conds = tuple(c.strip() for c in conditions.split(",") if c.strip())
+    unknown = [c for c in conds if c not in CONDITIONS]
+    if unknown or not conds:
+        fail(f"unknown condition {unknown[0] if unknown else ''!r} (known: {', '.join(CONDITIONS)})")
+    target = Path(out_path) if out_path else Path("bench-out") / f"continual-{seed}-{passages}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(dumps(result), encoding="utf-8")
+        tmp.replace(target)
+
+    shared = min(sleep_every, passages)
+    steps = sequences * (shared + len(conds) * (passages - shared))
+    with _progress(steps) as (say, tick):
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            tick(done[0], steps)
+
+        result = run_continual(app.runtime, app.cfg, data_path=path, passages=passages, sleep_every=sleep_every,
+                               seed=seed, sequences=sequences, split=split, conditions=conds, say=say,
+                               on_step=step, on_result=save)
+    save(result)
+    _print_continual(result)
+    png = plot(result, target.with_suffix(".png"))
+    click.echo(f"wrote {target}" + (f" and {png}" if png else ""))
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.0f}"
+
+
+def _spread(s: dict, key: str) -> str:
+    """Half the range over sequences, when there are several."""
+    return f" ±{100 * s[key + '_spread'] / 2:.0f}" if s["sequences"] > 1 else ""
+
+
+def _print_continual(result: dict) -> None:
+    from rich.table import Table
+
+    for r in [r for r in result["runs"] if r["sequence"] == 0]:
+        ids = [str(p["id"]) for p in r["passages"]]
+        table = Table(title=f"{r['condition']}: probe accuracy (%) after each update (rows) on each passage (columns)",
+                      box=None, pad_edge=False, title_justify="left")
+        table.add_column("after", no_wrap=True, max_width=24)
+        for i in range(len(ids)):
+            table.add_column(f"p{i + 1}", justify="right", no_wrap=True)
+        table.add_column("mean", justify="right", no_wrap=True)
+        for row in r["rows"]:
+            label = f"sleep ({row['outcome']})" if row["kind"] == "sleep" else f"{row['step']} {row['title']}"
+            cells = [_pct(row["scores"][p]["accuracy"]) if p in row["scores"] else "" for p in ids]
+            mean = sum(v["accuracy"] for v in row["scores"].values()) / len(row["scores"])
+            table.add_row(label[:24], *cells, _pct(mean))
+        print_table(table)
+        click.echo(f"memorisation at the end: {_pct(r['memorisation']['exact'])}% exact, "
+                   f"{_pct(r['memorisation']['token_match'])}% of tokens ({r['memorisation']['n']} passages)\n")
+    table = Table(title=f"continual, {result['passages']} passages x {result['sequences']} sequence(s), sleep every "
+                        f"{result['sleep_every']} ({result['split']} split, seed {result['seed']})",
+                  box=None, pad_edge=False, title_justify="left")
+    for col in ("condition", "at-learning", "final", "retention", "ll-gain ret.", "memorised", "mem. tokens"):
+        table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
+    for s in result["summary"]:
+        table.add_row(s["condition"], _pct(s["at_learning"]) + "%" + _spread(s, "at_learning"),
+                      _pct(s["final"]) + "%" + _spread(s, "final"), _pct(s["retention"]) + "%",
+                      _pct(s["logprob_retention"]) + "%", _pct(s["memorisation_exact"]) + "%",
+                      _pct(s["memorisation_token_match"]) + "%")
+    print_table(table)
+
+
 class _progress:
     """A rich progress bar on a terminal; log lines otherwise."""
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from adapters.lora import LoraConfig
 from policies.config import PolicyConfig
+from policies.schedule import ScheduleConfig
 
+from .daemon import DaemonConfig
 from .editor import EditorConfig
 from .ingest import IngestConfig
 from .runtime import ModelConfig
@@ -39,6 +41,8 @@ class Config:
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
     editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "when the daemon sleeps"})
+    daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"help": "the background service"})
 
 
 def resolve_home(home: str | os.PathLike | None) -> Path:

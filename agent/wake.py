@@ -76,6 +76,11 @@ class ClaimLost(RuntimeError):
     """Another worker took this job back (our heartbeat went stale): do not commit."""
 
 
+class StopRequested(BaseException):  # noqa: N818 - an exit request, like KeyboardInterrupt
+    """A warm stop was requested (the daemon got SIGTERM): abandon the cycle at the next
+    heartbeat. A BaseException, so that no ``except Exception`` records it as a failure."""
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -258,8 +263,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> CycleReport:
-    """Learn one claimed passage. Returns what happened; the store has it all."""
+def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None,
+               should_stop: Callable[[], bool] | None = None) -> CycleReport:
+    """Learn one claimed passage. Returns what happened; the store has it all. If
+    ``should_stop`` turns true, the next heartbeat raises StopRequested (nothing of
+    the cycle is recorded; the caller gives the claim back)."""
     say = progress or (lambda _msg: None)
     store, cfg, pol = learner.store, learner.cfg, learner.policies
     passage = store.passage(job.passage_id)
@@ -276,6 +284,8 @@ def wake_cycle(learner: Learner, job: Job, progress: Progress | None = None) -> 
     def beat(force: bool = False) -> None:
         """Keep the claim alive, at most once per heartbeat_s (a long trial would
         otherwise look dead to another worker's recovery)."""
+        if should_stop is not None and should_stop():
+            raise StopRequested(f"stop requested while learning passage {job.passage_id}")
         if force or time.monotonic() - last_beat[0] >= cfg.heartbeat_s:
             store.heartbeat(job.id)
             last_beat[0] = time.monotonic()
@@ -440,7 +450,10 @@ def learn(learner: Learner, max_passages: int | None = None, progress: Progress 
           should_stop: Callable[[], bool] = lambda: False,
           on_report: Callable[[CycleReport], None] | None = None) -> list[CycleReport]:
     """Drain the queue (burst mode): claim, learn, repeat. A failure is recorded on
-    the job (retried up to max_attempts) and the loop goes on."""
+    the job (retried up to max_attempts) and the loop goes on. When ``should_stop``
+    turns true mid-cycle, the cycle is abandoned at its next heartbeat: the live
+    adapter is reloaded from the store and the claim given back without counting an
+    attempt, and the loop stops."""
     learner.recover()
     reports: list[CycleReport] = []
     while (max_passages is None or len(reports) < max_passages) and not should_stop():
@@ -448,9 +461,14 @@ def learn(learner: Learner, max_passages: int | None = None, progress: Progress 
         if job is None:
             break
         try:
-            reports.append(wake_cycle(learner, job, progress))
+            reports.append(wake_cycle(learner, job, progress, should_stop))
             if on_report:
                 on_report(reports[-1])
+        except StopRequested:
+            learner.reload_active()
+            learner.store.release_claim(learner.worker, job.id)
+            log.info("stop requested: gave back passage %s unfinished", job.passage_id)
+            break
         except KeyboardInterrupt:
             learner.reload_active()
             learner.store.requeue_claimed_by(learner.worker)

@@ -8,6 +8,7 @@ seconds (float); callers may pass ``now`` so that tests can use an injected cloc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -76,6 +77,35 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+class _Database(Database):
+    """sqlite-utils' Database whose outermost ``atomic()`` starts with BEGIN IMMEDIATE.
+
+    With a plain (deferred) BEGIN, a transaction that reads before it writes fails at
+    once with "database is locked" (SQLITE_BUSY_SNAPSHOT in WAL mode; the busy timeout
+    does not apply) if another connection committed in between: the daemon's heartbeat
+    thread, or `seal ingest` while the daemon learns. IMMEDIATE takes the write lock
+    first, waiting up to the busy timeout; readers are never blocked in WAL mode."""
+
+    @contextlib.contextmanager
+    def atomic(self):
+        if self.conn.in_transaction:  # nested: sqlite-utils' savepoints
+            with super().atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.rollback()
+                raise
+
+
 class Store:
     """The seal store at ``path`` (created and migrated on open)."""
 
@@ -83,7 +113,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S)
-        self.db = Database(conn)
+        self.db = _Database(conn)
         self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.enable_wal()
@@ -297,6 +327,21 @@ class Store:
                 [at, worker],
             )
         return cur.rowcount
+
+    def release_claim(self, worker: str, job_id: int | None = None, now: float | None = None) -> int:
+        """Give back a claim (or every claim of ``worker``) WITHOUT counting the
+        attempt: the work was abandoned by a stop request, not failed. Returns how many."""
+        at = _now(now)
+        sql = ("UPDATE jobs SET state = 'pending', claimed_by = NULL, attempts = MAX(attempts - 1, 0), "
+               "updated_at = ? WHERE state = 'claimed' AND claimed_by = ?")
+        args: list[Any] = [at, worker]
+        if job_id is not None:
+            sql, args = sql + " AND id = ?", [*args, job_id]
+        with self.db.atomic():
+            n = self.db.execute(sql, args).rowcount
+            if n:
+                self._event("release", {"jobs": n, "worker": worker}, at)
+        return n
 
     def jobs(self, states: Iterable[str] = JOB_STATES, limit: int = 200) -> list[dict]:
         states = list(states)
@@ -513,6 +558,14 @@ class Store:
             [name, -1.0 if at is None else at],
         )
         return int(row["n"]) if row else 0
+
+    def first_commit_since(self, at: float | None, name: str = "knowledge") -> float | None:
+        """When the first wake commit of ``name`` after time ``at`` was made (None: none)."""
+        row = self._one(
+            "SELECT MIN(created_at) AS t FROM adapters WHERE name = ? AND kind = 'wake' AND created_at > ?",
+            [name, -1.0 if at is None else at],
+        )
+        return row["t"] if row else None
 
     def last_activity_at(self) -> float | None:
         """The latest ingest or finished cycle: what 'idle for T' is measured from."""
