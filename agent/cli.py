@@ -534,8 +534,8 @@ def daemon() -> None:
 
 
 @daemon.command("start")
-@click.option("--wait", "wait_s", default=60.0, show_default=True, type=click.FloatRange(min=1),
-              help="seconds to wait for it to come up")
+@click.option("--wait", "wait_s", default=120.0, show_default=True, type=click.FloatRange(min=1),
+              help="seconds to wait for it to load its model (it goes on loading after that)")
 @pass_app
 def daemon_start(app: App, wait_s: float) -> None:
     """Start the daemon in the background (logs to <home>/logs/daemon.log).
@@ -557,7 +557,11 @@ def daemon_start(app: App, wait_s: float) -> None:
         info = start_detached(app.home, args, wait_s)
     except DaemonError as e:
         fail(str(e))
-    click.echo(f"seal daemon started: pid {info['pid']}, log {info.get('log')}")
+    if info["ready"]:
+        click.echo(f"seal daemon started: pid {info['pid']}, log {info.get('log')}")
+    else:
+        click.echo(f"seal daemon starting: pid {info['pid']}, still loading its model after {wait_s:g} s; "
+                   f"log {info.get('log')}")
 
 
 @daemon.command("stop")

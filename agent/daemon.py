@@ -235,6 +235,7 @@ class Daemon:
         self.activity = "idle"
         log.info("ready: active adapter %s, queue %s",
                  self.learner.store.active_adapter_id(KNOWLEDGE) or "none (base model)", self.learner.store.queue_summary())
+        self.beat()  # `seal daemon start` waits for this: the model is loaded
 
     # -------------------------------------------------------------- the pieces
     def step(self, now: float | None = None) -> StepReport:
@@ -428,27 +429,25 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         d = self.cfg.daemon
-        _quiet_apscheduler()
-        self.home.ensure()
-        Store(self.home.store_file).close()  # create and migrate it here, before two threads open it
-        sched = BackgroundScheduler(
-            executors={MODEL_EXECUTOR: ThreadPoolExecutor(1), "default": ThreadPoolExecutor(1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": int(d.misfire_grace_s)},
-            timezone=dt.UTC,
-        )
-        now = dt.datetime.now(dt.UTC)
-        common = {"args": [self], "replace_existing": True, "coalesce": True, "max_instances": 1,
-                  "misfire_grace_time": int(d.misfire_grace_s)}
-        sched.add_job(start_job, "date", run_date=now, id="seal.start", executor=MODEL_EXECUTOR, **common)
-        sched.add_job(inbox_job, "interval", seconds=d.inbox_poll_s, id="seal.inbox", executor=MODEL_EXECUTOR,
-                      next_run_time=now, **common)
-        sched.add_job(wake_job, "interval", seconds=d.wake_poll_s, id="seal.wake", executor=MODEL_EXECUTOR,
-                      next_run_time=now, **common)
-        sched.add_job(sleep_job, "interval", seconds=d.sleep_poll_s, id="seal.sleep", executor=MODEL_EXECUTOR,
-                      next_run_time=now, **common)
-        sched.add_job(heartbeat_job, "interval", seconds=d.heartbeat_s, id="seal.heartbeat", executor="default",
-                      next_run_time=now, **common)
-        with self._signals():
+        with self._signals():  # first: a SIGTERM from now on is a warm stop, not a kill
+            _quiet_apscheduler()
+            self.home.ensure()
+            Store(self.home.store_file).close()  # create and migrate it here, before two threads open it
+            sched = BackgroundScheduler(
+                executors={MODEL_EXECUTOR: ThreadPoolExecutor(1), "default": ThreadPoolExecutor(1)},
+                job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": int(d.misfire_grace_s)},
+                timezone=dt.UTC,
+            )
+            now = dt.datetime.now(dt.UTC)
+            common = {"args": [self], "replace_existing": True, "coalesce": True, "max_instances": 1,
+                      "misfire_grace_time": int(d.misfire_grace_s)}
+            sched.add_job(start_job, "date", run_date=now, id="seal.start", executor=MODEL_EXECUTOR, **common)
+            for job, every, job_id in ((inbox_job, d.inbox_poll_s, "seal.inbox"), (wake_job, d.wake_poll_s, "seal.wake"),
+                                       (sleep_job, d.sleep_poll_s, "seal.sleep")):
+                sched.add_job(job, "interval", seconds=every, id=job_id, executor=MODEL_EXECUTOR, next_run_time=now,
+                              **common)
+            sched.add_job(heartbeat_job, "interval", seconds=d.heartbeat_s, id="seal.heartbeat", executor="default",
+                          next_run_time=now, **common)
             sched.start()
             while not self._stop.wait(0.2):  # signal handlers run in this (main) thread
                 pass
@@ -457,9 +456,9 @@ class Daemon:
             self.beat()
             sched.shutdown(wait=False)  # no new runs; jobs already queued see the stop and return
             deadline = time.monotonic() + d.stop_timeout_s
-            while not self._model_lock.acquire(timeout=0.2):
+            while not self._model_lock.acquire(timeout=min(0.2, max(0.01, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
-                    log.error("the current step did not stop within %.0f s: stopping cold", d.stop_timeout_s)
+                    log.error("the current step did not stop within %g s: stopping cold", d.stop_timeout_s)
                     self.cold_stop()
             self._closed = True
             self._model_lock.release()
@@ -476,7 +475,8 @@ class Daemon:
             try:
                 self.start()
             except Exception as e:
-                log.error("cannot start: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                # the CLI reports it in one line; the file log keeps it too
+                log.info("cannot start: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
                 log.debug("start failed", exc_info=True)
                 self.fatal = e
                 self._stop.set()
@@ -683,15 +683,18 @@ def log_to_file(home: Home, detached: bool = False) -> logging.Handler:
     handler = logging.handlers.RotatingFileHandler(home.logs / LOG_NAME, maxBytes=10 << 20, backupCount=3,
                                                    encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    handler.setLevel(logging.INFO)
+    level = min(root.level or logging.INFO, logging.INFO)  # -vv: DEBUG in the file too
+    handler.setLevel(level)
     root.addHandler(handler)
-    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+    root.setLevel(level)
     return handler
 
 
 def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0) -> dict:
     """Start ``python -m agent.cli <cli_args> daemon run`` in its own session, output to
-    the log; return its pidfile once it holds the lock."""
+    the log; return its pidfile once it has loaded its model (``ready``: True), or
+    after ``wait_s`` if it is still loading (``ready``: False). Raises DaemonError
+    with the last line of the log if it exits meanwhile."""
     home.ensure()
     log_path = home.logs / LOG_NAME
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -703,15 +706,30 @@ def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0) -> dic
                                 start_new_session=True, env=env)
     deadline = time.monotonic() + wait_s
     while True:
-        info = running(home)
-        if info and info.get("pid") == proc.pid:
-            return info
         code = proc.poll()
         if code is not None:
             raise DaemonError(f"the daemon exited at start (status {code}): {_last_line(log_path)}")
+        info = running(home)
+        ours = info is not None and info.get("pid") == proc.pid
+        if ours and _ready(home, info["started_at"]):
+            return {**info, "ready": True}
         if time.monotonic() > deadline:
+            if ours:
+                return {**info, "ready": False}
             raise DaemonError(f"the daemon (pid {proc.pid}) did not come up within {wait_s:g} s: see {log_path}")
         time.sleep(0.1)
+
+
+def _ready(home: Home, since: float) -> bool:
+    """Whether the daemon started at ``since`` has written a heartbeat past 'starting'."""
+    if not home.store_file.exists():
+        return False
+    try:
+        with Store(home.store_file) as store:
+            beat, activity = store.get_state(STATE_HEARTBEAT), store.get_state(STATE_ACTIVITY)
+    except sqlite3.Error:
+        return False
+    return bool(beat) and float(beat) >= since and activity not in (None, "starting")
 
 
 def _last_line(path: Path) -> str:
@@ -748,7 +766,7 @@ def stop_daemon(home: Home, timeout_s: float, now: bool = False) -> tuple[int, s
         raise DaemonError(f"a seal daemon holds {home.root / LOCK_NAME} but its pidfile is unreadable")
     _signal(pid, signal.SIGTERM)
     # Two signals sent back to back may arrive as one: give the first a moment.
-    if wait_stopped(home, 1.0 if now else timeout_s):
+    if wait_stopped(home, 0.5 if now else timeout_s):
         return pid, "warm"
     _signal(pid, signal.SIGTERM)
     if wait_stopped(home, 15.0):

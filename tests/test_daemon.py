@@ -28,13 +28,23 @@ from agent.daemon import (
     pid_info,
     read_pidfile,
     running,
+    stop_daemon,
 )
 from agent.home import Home
 from agent.wake import KNOWLEDGE
 from policies.config import PolicyConfig
 from policies.schedule import ScheduleConfig
 from store import Store
-from tests.test_wake import ALWAYS, BRISK, FAST_FLAGS, FAST_LORA, FAST_WAKE, VARN, file_sha, make_learner
+from tests.test_wake import (
+    ALWAYS,
+    BRISK,
+    FAST_FLAGS,
+    FAST_LORA,
+    FAST_WAKE,
+    VARN,
+    file_sha,
+    make_learner,
+)
 from tests.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,6 +245,33 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
     assert (job["state"], job["attempts"]) == ("done", 1)
 
 
+def test_a_second_signal_stops_cold_and_gives_the_claim_back(tokenizer, home, monkeypatch):
+    d = daemon(tokenizer, home, sleep_fn=FakeSleep())
+    store = d.learner.store
+    drop(home, "varn.json", record(*VARN))
+    d.poll_inbox()
+    assert store.claim_next(d.worker).attempts == 1  # the daemon is mid-cycle
+
+    class Exited(BaseException):
+        pass
+
+    codes = []
+
+    def exit_(code):
+        codes.append(code)
+        raise Exited
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    d._on_signal(signal.SIGTERM, None)
+    assert d.stopping and codes == []  # the first: warm
+    with pytest.raises(Exited):
+        d._on_signal(signal.SIGINT, None)  # the second: at once
+    assert codes == [1]
+    (job,) = store.jobs(limit=5)
+    assert (job["state"], job["attempts"], job["claimed_by"]) == ("pending", 0, None)
+    assert store.get_state("daemon.activity") == "stopped (cold)"
+
+
 def test_the_real_sleep_phase_runs_when_due_and_is_recorded(tokenizer, home):
     """The default sleep function (agent.sleep.sleep_phase) as the daemon calls it."""
     from agent.sleep import SleepConfig
@@ -385,6 +422,39 @@ def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, ti
         assert "config schedule.policy = 'never'" in text and "inbox: ingested varn.json" in text
     finally:
         _kill(home)
+
+
+def test_a_daemon_that_cannot_load_its_model_fails_to_start_in_one_line(home, tmp_path):
+    cmd = [sys.executable, "-m", "agent.cli", "--home", str(home), "--model", str(tmp_path / "missing"), "daemon", "start"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("Error: the daemon exited at start (status 1): ") and "missing' does not exist" in lines[0]
+    assert running(Home(home)) is None and read_pidfile(Home(home)) is None
+
+
+def test_stop_now_stops_a_busy_daemon_cold(home, tiny_dir):
+    """`seal daemon stop --now` (stop_daemon(now=True)) on a daemon that is busy loading
+    its model: the first SIGTERM asks for a warm stop, the second ends it at once."""
+    log = home / "logs" / "daemon.log"
+    proc = subprocess.Popen(_cli(home, tiny_dir, "daemon", "run"), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def loading():
+            return log.exists() and "starting on" in log.read_text()
+
+        _wait(loading, 60, log)
+        pid, how = stop_daemon(Home(home), timeout_s=60, now=True)
+        assert (pid, how) == (proc.pid, "cold")
+        assert proc.wait(timeout=20) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    text = log.read_text()
+    assert "SIGTERM: stopping warm" in text and "SIGTERM again: stopping cold" in text
+    assert "ready:" not in text  # it never finished loading
+    assert running(Home(home)) is None and read_pidfile(Home(home)) is None
 
 
 def _started_mid(home: Path, tiny_dir: Path, needle: str, *flags: str) -> int:
