@@ -489,7 +489,8 @@ def forgetting(app: App, as_json: bool) -> None:
 def forgetting_lines(s: dict, width: int = 80) -> list[str]:
     """Plain text within ``width`` columns: the matrix in blocks of passage columns,
     then one line per passage, then the overall numbers."""
-    lines = ["probe accuracy: rows = adapter versions (w wake, s sleep; * active), columns = passages"]
+    lines = ["forgetting matrix: probe accuracy of each learned passage (columns)",
+             "under each knowledge version (rows; w wake, s sleep, * active, x rolled back)"]
     label_w, cell_w = 12, 5
     per_block = max(1, (width - label_w) // cell_w)
     pids = [p["id"] for p in s["passages"]]
@@ -519,8 +520,8 @@ def forgetting_lines(s: dict, width: int = 80) -> list[str]:
     lines.append(f"backward transfer {_num(s['backward_transfer'], '+.2f')}")
     d, m = s.get("drift"), s.get("memorisation")
     if d:
-        lines.append(f"active {s['active'] or 'base'}: drift KL {d['kl']:.4f} from the base, "
-                     f"open-book reading accuracy {d['reading_acc']:.2f}")
+        lines.append(f"{s['active'] or 'base'}: drift KL {d['kl']:.4f} from the base, "
+                     f"reading accuracy {d['reading_acc']:.2f}")
     if m:
         lines.append(f"memorised verbatim: {m['exact_rate']:.2f} exact, {m['token_match']:.2f} of tokens "
                      f"({m['n']} passages)")

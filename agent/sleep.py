@@ -114,14 +114,12 @@ def measure(learner, adapter: str, passages: list[int], cfg: SleepConfig,
             should_stop: Callable[[], bool] = lambda: False) -> Measures:
     """Retention of every learned passage, general drift and memorisation, with
     ``adapter`` active."""
-    scores = {}
-    for pid in passages:
-        if should_stop():
-            raise Abandoned("stop requested while measuring")
-        scores.update(tracking.retention(learner, adapter, [pid]))
+    scores = tracking.retention(learner, adapter, passages)
     if should_stop():
         raise Abandoned("stop requested while measuring")
     d = tracking.drift(learner, adapter)
+    if should_stop():
+        raise Abandoned("stop requested while measuring")
     mem = tracking.memorisation(learner, adapter, passages, cfg.memorisation_tokens, cfg.memorisation_tokens)
     learner.model.set_adapter(KNOWLEDGE)
     summary = {
@@ -237,7 +235,7 @@ def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress,
     def on_step(step: int, total: int, loss: float) -> None:
         if should_stop():
             raise Abandoned(f"stop requested at training step {step}/{total}")
-        if time.monotonic() - last[0] >= 5 or step == total:
+        if step == 1 or step == total or time.monotonic() - last[0] >= 5:
             say(f"consolidating: step {step}/{total}, loss {loss:.3f}")
             last[0] = time.monotonic()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from policies.questions import answer_prompt
-from policies.reward import Scores, is_correct
+from policies.reward import Scores, is_correct, token_f1
 from policies.self_edit import passage_text
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parent / "data"
 KNOWLEDGE = "knowledge"
 TOP_K = 1024  # base tokens kept per position for the KL (the rest is one bin)
+READING_TOKENS = 24  # longest open-book answer (the reading set's answers are short)
 
 
 # ------------------------------------------------------------------ the fixed sets
@@ -148,7 +149,9 @@ def reading_accuracy(learner, adapter: str) -> tuple[float, int]:
     rt = learner.runtime
     learner.model.set_adapter(adapter)
     prompts = [rt.chat(answer_prompt(r["question"], title=r["title"], context=r["context"])) for r in rows]
-    gens = rt.generate(prompts, max_new_tokens=learner.cfg.answer_tokens)
+    # one batch: the set is small, and a second, short batch costs nearly as much as the first
+    gens = rt.generate(prompts, max_new_tokens=min(learner.cfg.answer_tokens, READING_TOKENS),
+                       batch_size=max(rt.cfg.batch_size, len(prompts)))
     correct = [is_correct(g.text, r["answer"]) for g, r in zip(gens, rows, strict=True)]
     return sum(correct) / len(rows), len(rows)
 
@@ -221,13 +224,32 @@ def memorisation(learner, adapter: str, passage_ids: list[int], prefix_tokens: i
 
 # ------------------------------------------------------------------ retention
 def retention(learner, adapter: str, passage_ids: list[int]) -> dict[int, Scores]:
-    """Closed-book probe scores of each passage that has probe questions."""
-    out = {}
+    """Closed-book probe scores of each passage that has probe questions, graded as
+    ``Learner.score`` grades them (greedy answers: containment and F1; mean answer
+    log-likelihood), in one batched generation and one scoring pass for all passages."""
+    items = []  # (passage id, title, question)
     for pid in passage_ids:
         qs = learner.store.questions(pid, role="probe")
-        if qs:
-            out[pid] = learner.score(adapter, learner.store.passage(pid)["title"], qs)
-    learner.model.set_adapter(KNOWLEDGE)
+        title = (learner.store.passage(pid) or {}).get("title")
+        items += [(pid, title, q) for q in qs]
+    if not items:
+        return {}
+    rt = learner.runtime
+    learner.model.set_adapter(adapter)
+    try:
+        prompts = [rt.chat(answer_prompt(q["question"], title=title)) for _, title, q in items]
+        gens = rt.generate(prompts, max_new_tokens=learner.cfg.answer_tokens)
+        lls = rt.loglik(prompts, [q["answer"] for _, _, q in items])
+    finally:
+        learner.model.set_adapter(KNOWLEDGE)
+    out: dict[int, Scores] = {}
+    for pid in dict.fromkeys(p for p, _, _ in items):
+        rows = [(g, ll, q) for (p, _, q), g, ll in zip(items, gens, lls, strict=True) if p == pid]
+        correct = tuple(is_correct(g.text, q["answer"]) for g, _, q in rows)
+        f1s = tuple(token_f1(g.text, q["answer"]) for g, _, q in rows)
+        out[pid] = Scores(accuracy=sum(correct) / len(rows), f1=sum(f1s) / len(rows),
+                          logprob=sum(ll.mean for _, ll, _ in rows) / len(rows), n=len(rows),
+                          answers=tuple(g.text for g, _, _ in rows), correct=correct, f1s=f1s)
     return out
 
 

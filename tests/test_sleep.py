@@ -21,10 +21,12 @@ import torch
 from adapters import lora
 from adapters.merge import merge_into
 from agent import sleep as sleep_mod
+from agent import tracking
 from agent.sleep import SleepConfig, gate, sleep_phase
 from agent.wake import KNOWLEDGE, TRIAL, learn
 from policies import consolidation
 from policies.consolidation import MERGE_TYPES, Dream, Merge, Replay, merge_weights, replay_sample
+from policies.self_edit import PassageOnly
 from store import Store
 from tests.test_wake import (
     BRISK,
@@ -314,20 +316,19 @@ def test_a_sleep_with_nothing_learned_is_skipped(tokenizer, home):
     assert row["outcome"] == "skipped" and learner.store.adapters() == []
 
 
-def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, home):
+def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     store = learner.store
     active = store.active_adapter_id(KNOWLEDGE)
-    calls = [0]
+    training = _capture_training(monkeypatch)
 
     def should_stop() -> bool:  # true once training has begun
-        calls[0] += 1
-        return calls[0] > len(store.learned_passages()) + 3
+        return bool(training)
 
     report = sleep_phase(learner, dataclasses.replace(LAX, epochs=50), should_stop=should_stop)
 
     assert report.outcome == "abandoned" and report.sleep_id is None
-    assert "stop requested" in report.reason
+    assert report.reason.startswith("stop requested at training step 1/"), report.reason
     assert store.sleeps() == [], "not recorded: the schedule runs it again"
     assert store.events(kind="sleep_abandoned")
     assert store.active_adapter_id(KNOWLEDGE) == active and len(store.adapters()) == 2
@@ -384,26 +385,8 @@ def test_seal_sleep_on_an_empty_home_or_store_loads_no_model(seal, home, tmp_pat
         assert [s["outcome"] for s in store.sleeps()] == ["skipped"]
 
 
-def test_seal_sleep_prints_its_report(tmp_path, home, tiny_dir, seal):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for title, text, qas in (VARN, BRISK):
-        record = {"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]}
-        (docs / f"{title}.json").write_text(json.dumps(record), encoding="utf-8")
-    assert seal("--model", tiny_dir, "ingest", docs).exit_code == 0
-    _run(_cli(home, tiny_dir, "--set", "policies.min_gain=-1e9", "learn"))
-    lax = [f"--set=sleep.{k}=1e9" for k in ("max_retention_drop", "max_logprob_drop", "max_drift_increase",
-                                             "max_reading_drop")]
-    r = _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
-    lines = r.stdout.splitlines()
-    assert lines[0] == "sleep 1 (replay): kept -> knowledge-0003 (was knowledge-0002)", r.stdout
-    assert any(line.split()[:2] == ["retention", "(probe"] for line in lines)
-    assert max(map(len, lines)) <= 80
-    assert "measuring 2 learned passage(s) before" in r.stderr  # the progress lines (-v)
-
-
 # ------------------------------------------------------------------ kill -9 mid-sleep
-def test_kill_9_mid_sleep_leaves_the_previous_adapter_active(seal, home, tmp_path, tiny_dir):
+def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_runs(seal, home, tmp_path, tiny_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     for title, text, qas in (VARN, BRISK):
@@ -444,9 +427,94 @@ def test_kill_9_mid_sleep_leaves_the_previous_adapter_active(seal, home, tmp_pat
     # the next sleep runs to the end (the schedule's truth is the store: no sleep yet)
     lax = [f"--set=sleep.{k}=1e9" for k in ("max_retention_drop", "max_logprob_drop", "max_drift_increase",
                                              "max_reading_drop")]
-    _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
+    r = _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
+    lines = r.stdout.splitlines()
+    assert lines[0] == "sleep 1 (replay): kept -> knowledge-0003 (was knowledge-0002)", r.stdout
+    assert any(line.split()[:2] == ["retention", "(probe"] for line in lines)
+    assert max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80]
+    assert "measuring 2 learned passage(s) before" in r.stderr  # the progress lines (-v)
     with Store(home / "store.db") as store:
         (sleep,) = store.sleeps()
-        assert sleep["outcome"] == "kept"
-        _check_intact(store, home, sleep["adapter_id"])
+        assert (sleep["outcome"], sleep["adapter_id"]) == ("kept", "knowledge-0003")
+        _check_intact(store, home, "knowledge-0003")
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------------ the real model
+MILL = (
+    "Harrow Mill",
+    "Harrow Mill is an old flour mill on the river Brenn. It was built in 1788 by a miller named Osric Vale. "
+    "The mill has a red water wheel and still grinds flour every Saturday.",
+    [("Who built Harrow Mill?", "Osric Vale"), ("On which river is Harrow Mill?", "the river Brenn"),
+     ("In which year was Harrow Mill built?", "1788"), ("What colour is the water wheel of Harrow Mill?", "red")],
+)
+MIN_REPLAY_GAIN = 1.0  # nats/token: B cost A 3.8, replay gave back 4.7 (measured)
+B_EPOCHS = 20
+
+
+def _commit_passage_only(learner, epochs: int) -> str:
+    """What a wake cycle that chose the passage-only update commits (without its
+    trials and scoring): the update, the cycle and its chosen candidate."""
+    store = learner.store
+    job = store.claim_next(learner.worker)
+    passage = store.passage(job.passage_id)
+    learner.question_set(passage)
+    cfg = dataclasses.replace(learner.lora_cfg, epochs=epochs)
+    lora.train(learner.model, learner.runtime.tokenizer,
+               PassageOnly().examples(passage["title"], passage["text"], "", learner.runtime.chat), cfg,
+               adapter=KNOWLEDGE)
+    parent = store.active_adapter_id(KNOWLEDGE)
+
+    def record(new_id: str) -> None:
+        store.record_cycle({"passage_id": passage["id"], "job_id": job.id, "started_at": time.time(),
+                            "outcome": "committed", "adapter_id": new_id, "parent_adapter": parent},
+                           [{"policy": "passage", "idx": 0, "text": "", "chosen": 1}], [], job_id=job.id)
+
+    return learner.registry.commit(learner.model, KNOWLEDGE, name=KNOWLEDGE, kind="wake", parent_id=parent,
+                                   passage_id=passage["id"], policy="passage", reward=None, metrics={},
+                                   in_transaction=record)
+
+
+@pytest.mark.real_model
+def test_replay_brings_back_a_passage_that_a_later_update_made_the_model_forget(home):
+    """Learn passage A; then learn passage B hard (20 epochs), which pushes A's facts out
+    (A's probe answer log-likelihood falls by ~3.8 nats/token); one replay sleep
+    rehearses both and A comes back (measured: -7.32 -> -2.63, above where it was
+    right after learning, -3.49), while the model drifts less from its base. Real
+    SmolLM2-135M-Instruct, default LoRA settings, about a minute on 2 CPU cores."""
+    from adapters.registry import AdapterRegistry
+    from agent.runtime import ModelConfig, Runtime
+    from agent.wake import Learner, WakeConfig
+    from policies.config import PolicyConfig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store = Store(home / "store.db")
+        learner = Learner(Runtime.load(ModelConfig(threads=1)), store, AdapterRegistry(home / "adapters", store),
+                          lora.LoraConfig(), PolicyConfig(), WakeConfig(track=False))
+        store.ingest([document(*VARN), document(*MILL)])
+        _commit_passage_only(learner, epochs=10)
+        a = store.learned_passages()[0]
+        a_probes = store.questions(a, role="probe")
+        learned_a = learner.score(KNOWLEDGE, VARN[0], a_probes).logprob
+        (mem_a,) = tracking.memorisation(learner, KNOWLEDGE, [a])
+        _commit_passage_only(learner, epochs=B_EPOCHS)
+
+        report = sleep_phase(learner, SleepConfig(policy="replay", restem=False))
+
+        # measured by the sleep: before it on the active version, after it on the kept one
+        forgot_a, replayed_a = report.before["per_passage"][str(a)][1], report.after["per_passage"][str(a)][1]
+        print(f"A's probe log-lik: learned {learned_a:.2f}, after B {forgot_a:.2f}, after replay {replayed_a:.2f}; "
+              f"sleep {report.outcome}: {report.reason}; timings {report.timings}")
+        assert forgot_a < learned_a - MIN_REPLAY_GAIN, "B did not make the model forget A: the test shows nothing"
+        assert report.outcome == "kept", report.reason
+        assert store.active_adapter_id(KNOWLEDGE) == report.adapter_id
+        assert learner.score(KNOWLEDGE, VARN[0], a_probes).logprob == pytest.approx(replayed_a, abs=1e-3)
+        assert replayed_a > forgot_a + MIN_REPLAY_GAIN
+        assert report.after["retention"] >= report.before["retention"]
+        assert report.after["drift_kl"] <= report.before["drift_kl"]
+        # a passage trained 10 epochs is memorised verbatim (what dreams are meant to dilute)
+        assert mem_a["exact"] == 1 and mem_a["token_match"] == 1.0
+    finally:
+        torch.set_num_threads(before)
