@@ -73,7 +73,8 @@ def merge_into(
             lora.restore(peft_model, name, state)
         kwargs: dict = {"density": density} if pruned else {}
         if combination_type.endswith("svd"):
-            kwargs["svd_rank"] = rank
+            # the reduced SVD gives the same rank-r truncation, without the full U (n x n)
+            kwargs.update(svd_rank=rank, svd_full_matrices=False)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             peft_model.add_weighted_adapter(names, list(map(float, weights)), OUT,
