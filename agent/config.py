@@ -39,8 +39,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA updates"})
     policies: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "strategies by name"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
-    editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
+    editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "when the daemon sleeps"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"help": "the background service"})
 
