@@ -304,6 +304,17 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
 
 
 # ----------------------------------------------------------------------------- learn
+def _refuse_beside_daemon(app: App, what: str) -> None:
+    """One worker per home: a foreground learn or sleep beside a running daemon would
+    race it for version numbers (and its recovery could remove the daemon's fresh files)."""
+    from .daemon import running
+
+    info = running(app.home)
+    if info is not None:
+        fail(f"a seal daemon runs on this home (pid {info.get('pid') or '?'}): it does the {what} work itself; "
+             f"stop it first (seal daemon stop)")
+
+
 @main.command()
 @click.option("--max-passages", type=click.IntRange(min=1), help="stop after this many passages")
 @pass_app
@@ -311,6 +322,7 @@ def learn(app: App, max_passages: int | None) -> None:
     """Process the queue in the foreground, then exit."""
     from .wake import learn as drain
 
+    _refuse_beside_daemon(app, "learn")
     pending = app.store.queue_summary()["pending"]
     if pending == 0 and not app.store.claimed_jobs():
         click.echo("nothing to learn: the queue is empty (seal ingest FILE)")
@@ -402,6 +414,7 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
     """Run one sleep phase now: consolidate, measure, keep or roll back."""
     import dataclasses
 
+    _refuse_beside_daemon(app, "sleep")
     from .sleep import record_skip, sleep_phase
 
     cfg = dataclasses.replace(app.cfg.sleep, policy=policy) if policy else app.cfg.sleep

@@ -318,6 +318,21 @@ def test_one_lock_per_home(home, tmp_path):
     assert daemon_status(h)["running"] is False
 
 
+def test_learn_and_sleep_refuse_beside_a_running_daemon(home, seal):
+    h = Home(home)
+    lock = DaemonLock(h)
+    lock.acquire(pid_info(h, Config()))
+    try:
+        for command in ("learn", "sleep"):
+            r = seal(command)
+            assert r.exit_code == 1, r.output
+            assert f"a seal daemon runs on this home (pid {os.getpid()})" in r.output
+            assert len(r.output.strip().splitlines()) == 1
+    finally:
+        lock.release()
+    assert seal("learn").exit_code == 0  # no daemon: an empty queue is simply reported
+
+
 # ------------------------------------------------------------------- real processes
 DAEMON_FLAGS = [
     "--set", "daemon.wake_poll_s=0.2", "--set", "daemon.inbox_poll_s=0.2", "--set", "daemon.sleep_poll_s=0.2",
