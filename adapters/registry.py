@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from store import Store
@@ -23,6 +24,18 @@ from .lora import AdapterError
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What ``prune`` removes and why the other wake versions stay."""
+
+    remove: list[dict] = field(default_factory=list)  # id, path, version, bytes
+    kept: dict[str, str] = field(default_factory=dict)  # wake version id -> why it stays
+
+    @property
+    def bytes(self) -> int:
+        return sum(r["bytes"] for r in self.remove)
 
 
 class AdapterRegistry:
@@ -126,3 +139,97 @@ class AdapterRegistry:
                 removed.append(entry.name)
                 log.warning("recover: removed %s (%s)", entry, "unfinished save" if entry.name.startswith(TMP_PREFIX) else "no row in the store")
         return removed
+
+    # ---------------------------------------------------------------------- pruning
+    def _folder(self, row: dict) -> Path:
+        """The version's folder, which must be a direct child of the registry root."""
+        folder = self.root / row["path"]
+        if folder.resolve().parent != self.root.resolve():
+            raise AdapterError(f"adapter {row['id']}: path {row['path']!r} is outside {self.root}")
+        return folder
+
+    def prune_plan(self, keep: int) -> PrunePlan:
+        """Which wake versions' files ``prune(keep)`` removes. Only wake versions are
+        ever removed, and of each adapter name all but these stay:
+
+        - the ``keep`` newest wake versions (by version number, whatever their status);
+        - the active version;
+        - every version that is *referenced*: named as the parent of a version that is
+          not a wake version (a sleep checkpoint's parent is the version the sleep
+          consolidated, the rollback point should the sleep turn out bad; an editor
+          version's parent likewise).
+
+        A wake child does not reference its wake parent: each version's file is a
+        complete LoRA state, not a delta, so no kept version needs its parent's files
+        (the lineage itself stays in the store). Sleep checkpoints and editor versions
+        are never removed. Versions already marked pruned whose folder is still there
+        (a prune interrupted between the store and the disk) are finished off."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        rows = self.store.adapters()
+        active = set(self.store.active_adapters().values())
+        referenced = {r["parent_id"]: r["id"] for r in rows if r["kind"] != "wake" and r["parent_id"]}
+        plan = PrunePlan()
+        names = sorted({r["name"] for r in rows})
+        for name in names:
+            wake = [r for r in rows if r["name"] == name and r["kind"] == "wake"]
+            newest = {r["id"] for r in sorted(wake, key=lambda r: r["version"])[-keep:]} if keep else set()
+            for r in wake:
+                folder = self._folder(r)
+                if r["status"] == "pruned":
+                    if folder.exists():
+                        plan.remove.append(self._removal(r, folder))
+                    continue
+                if r["id"] in active:
+                    plan.kept[r["id"]] = "active"
+                elif r["id"] in newest:
+                    plan.kept[r["id"]] = f"one of the {keep} newest"
+                elif r["id"] in referenced:
+                    plan.kept[r["id"]] = f"parent of {referenced[r['id']]}"
+                else:
+                    plan.remove.append(self._removal(r, folder))
+        return plan
+
+    @staticmethod
+    def _removal(row: dict, folder: Path) -> dict:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+        return {"id": row["id"], "path": row["path"], "version": row["version"], "bytes": size,
+                "status": row["status"]}
+
+    def prune(self, keep: int) -> PrunePlan:
+        """Remove the files of the versions ``prune_plan(keep)`` names: first one store
+        transaction marks their rows 'pruned' and records a 'prune' event listing
+        them (ids, paths, bytes), then their folders go. Rows are never deleted: the
+        lineage, rewards and evaluations stay."""
+        plan = self.prune_plan(keep)
+        if not plan.remove:
+            return plan
+        fresh = [r for r in plan.remove if r["status"] != "pruned"]
+        self.store.mark_pruned([{k: r[k] for k in ("id", "path", "bytes")} for r in plan.remove],
+                               {"keep": keep, "bytes": plan.bytes, "marked": [r["id"] for r in fresh]})
+        for r in plan.remove:
+            shutil.rmtree(self.root / r["path"], ignore_errors=True)
+            log.info("pruned %s (%d bytes)", r["id"], r["bytes"])
+        return plan
+
+    def verify(self, adapter_id: str) -> str | None:
+        """Why this version's files cannot be used, or None if they are complete and
+        their sha256 matches the store's."""
+        import hashlib
+
+        row = self.store.adapter(adapter_id)
+        if row is None:
+            return f"no adapter {adapter_id!r}"
+        if row["status"] == "pruned":
+            return f"adapter {adapter_id} was pruned: its files are gone"
+        folder = self._folder(row)
+        try:
+            data = (folder / lora.WEIGHTS_NAME).read_bytes()
+        except OSError:
+            return f"adapter {adapter_id}: {folder / lora.WEIGHTS_NAME} is missing"
+        if not (folder / lora.CONFIG_NAME).is_file():
+            return f"adapter {adapter_id}: {folder / lora.CONFIG_NAME} is missing"
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != row["sha256"]:
+            return f"adapter {adapter_id}: sha256 {digest[:12]}… does not match the store's {row['sha256'][:12]}…"
+        return None

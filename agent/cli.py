@@ -369,40 +369,44 @@ def _print_report(r) -> None:
 
 
 # --------------------------------------------------------------------------- history
+def print_view(renderable) -> None:
+    """A rich renderable on a terminal; plain text (80 columns, or $COLUMNS) without
+    trailing padding in a pipe. Long text wraps at the width either way."""
+    if out.is_terminal:
+        out.print(renderable, soft_wrap=False)
+        return
+    with out.capture() as cap:
+        out.print(renderable, soft_wrap=False)
+    click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
+
+
+def _store_or_none(app: App) -> Store | None:
+    """The store if the home has one: a read-only command creates nothing."""
+    return app.store if app.home.store_file.exists() else None
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--name", type=click.Choice(["knowledge", "editor"]), default="knowledge", show_default=True,
+              help="which adapter's versions")
+@click.option("--tree", is_flag=True, help="the lineage as a tree (wake commits, sleeps, rolled-back branches)")
 @pass_app
-def history(app: App, as_json: bool) -> None:
-    """List knowledge adapter versions, newest first."""
-    import json as jsonlib
+def history(app: App, as_json: bool, name: str, tree: bool) -> None:
+    """List adapter versions, newest first (* active, x rolled back, - pruned)."""
+    from .views import history_table, panel, take_snapshot
 
-    from rich.table import Table
-
-    if not app.home.store_file.exists():
-        click.echo("[]" if as_json else "no adapters yet")
-        return
-    rows = app.store.adapter_history()
+    store = _store_or_none(app)
+    rows = store.adapter_history(name) if store else []
     if as_json:
-        click.echo(jsonlib.dumps(rows, indent=1))
+        click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        click.echo("no adapters yet (seal learn)")
+        click.echo("no adapters yet" + (" (seal learn)" if store else ""))
         return
-    table = Table(box=None, pad_edge=False, collapse_padding=True)
-    for col in ("id", "parent", "passage", "policy", "reward", "probe", "when"):
-        # only the passage title (and a long policy name) may shrink: ids and numbers stay whole
-        table.add_column(col, no_wrap=True, overflow="ellipsis" if col in ("passage", "policy") else "fold",
-                         ratio=1 if col == "passage" else None, max_width=10 if col == "policy" else None)
-    import datetime as dt
-
-    for r in rows:
-        when = dt.datetime.fromtimestamp(r["created_at"]).strftime("%d %H:%M")
-        probe = "-" if r["probe_acc"] is None else f"{r['probe_acc']:.2f}"
-        reward = "-" if r["reward"] is None else f"{r['reward']:+.3f}"
-        active = " *" if r["active"] else ""
-        table.add_row(r["id"] + active, r["parent_id"] or "base", f"{r['passage_id']} {(r['title'] or '')[:18]}",
-                      r["policy"] or "-", reward, probe, when)
-    print_table(table)
+    if tree:
+        print_view(panel("lineage", take_snapshot(app.home, store)))
+        return
+    print_table(history_table(rows))
 
 
 # ------------------------------------------------------------------ sleep, forgetting
@@ -495,50 +499,220 @@ def forgetting(app: App, as_json: bool) -> None:
     if not s["passages"]:
         click.echo("nothing learned yet (seal learn)")
         return
-    for line in forgetting_lines(s):
+    from .views import forgetting_text, forgetting_view
+
+    if out.is_terminal:  # the heatmap, coloured by probe accuracy
+        print_view(forgetting_view(s))
+        return
+    for line in forgetting_text(s):
         click.echo(line)
 
 
-def forgetting_lines(s: dict, width: int = 80) -> list[str]:
-    """Plain text within ``width`` columns: the matrix in blocks of passage columns,
-    then one line per passage, then the overall numbers."""
-    lines = ["forgetting matrix: probe accuracy of each learned passage (columns)",
-             "under each knowledge version (rows; w wake, s sleep, * active, x rolled back)"]
-    label_w, cell_w = 12, 5
-    per_block = max(1, (width - label_w) // cell_w)
-    pids = [p["id"] for p in s["passages"]]
-    for start in range(0, len(pids), per_block):
-        cols = range(start, min(start + per_block, len(pids)))
-        lines.append("")
-        lines.append(f"{'version':<{label_w}}" + "".join(f"{'#' + str(pids[j]):>{cell_w}}" for j in cols))
-        for i, a in enumerate(s["adapters"]):
-            tag = "base" if a["id"] is None else f"v{a['version']} {a['kind'][0]}"
-            tag += " *" if a["active"] else (" x" if a["status"] == "rolled_back" else "")
-            cells = [s["accuracy"][i][j] for j in cols]
-            if all(c is None for c in cells) and not a["active"]:
-                continue  # a version that measured none of these passages
-            lines.append(f"{tag:<{label_w}}" + "".join(f"{'.' if c is None else f'{c:.2f}':>{cell_w}}" for c in cells))
-    lines.append("")
-    head = f"{'passage':<34}{'learned':>9}{'at-learn':>9}{'best':>7}{'current':>9}{'forgot':>8}"
-    lines.append(head)
-    for p in s["per_passage"]:
-        title = f"#{p['passage_id']} {p['title']}"
-        title = title if len(title) <= 33 else title[:32] + "…"
-        learned = "v" + p["learned_by"].rsplit("-", 1)[-1].lstrip("0")
-        lines.append(f"{title:<34}{learned:>9}{_num(p['at_learning']):>9}{_num(p['best']):>7}"
-                     f"{_num(p['current']):>9}{_num(p['forgetting'], '+.2f'):>8}")
-    lines.append("")
-    lines.append(f"average accuracy {_num(s['average_accuracy'])} (at learning {_num(s['mean_at_learning'])}), "
-                 f"retention {_num(s['retention'])}")
-    lines.append(f"backward transfer {_num(s['backward_transfer'], '+.2f')}")
-    d, m = s.get("drift"), s.get("memorisation")
-    if d:
-        lines.append(f"{s['active'] or 'base'}: drift KL {d['kl']:.4f} from the base, "
-                     f"reading accuracy {d['reading_acc']:.2f}")
-    if m:
-        lines.append(f"memorised verbatim: {m['exact_rate']:.2f} exact, {m['token_match']:.2f} of tokens "
-                     f"({m['n']} passages)")
-    return lines
+# --------------------------------------------------------------- inspecting, acting
+@main.command()
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="seconds between reads of the store")
+@click.option("--once", is_flag=True, help="print every panel once and exit (what a pipe gets)")
+@pass_app
+def tui(app: App, interval: float, once: bool) -> None:
+    """Live dashboard: daemon status, adapter lineage, recent passages and their
+    candidates, the forgetting heatmap, reward/retention/memorisation over time, the
+    daemon's log. Keys: 1-6/Tab panels, arrows select, Enter details, Esc back, q quit.
+    It only reads; when stdout is not a terminal it prints once, as plain text."""
+    from .views import static_dashboard, take_snapshot
+
+    if once or not out.is_terminal:
+        print_view(static_dashboard(take_snapshot(app.home, _store_or_none(app))))
+        return
+    from .tui import run as run_tui
+
+    run_tui(app.home, interval=interval)
+
+
+def _adapter_row(app: App, ref: str) -> dict:
+    """An adapter version by id (knowledge-0003), by version (3, v3: knowledge; e2:
+    editor) or 'active'; a one-line error if there is none."""
+    store = _store_or_none(app)
+    if store is None:
+        fail(f"no adapter {ref!r}: nothing learned yet in {app.home.root}")
+    ref = ref.strip()
+    candidates = [ref]
+    low = ref.lower()
+    if low == "active":
+        candidates = [store.active_adapter_id("knowledge") or ""]
+    elif low.lstrip("v").isdigit():
+        candidates.append(f"knowledge-{int(low.lstrip('v')):04d}")
+    elif low.startswith("e") and low[1:].isdigit():
+        candidates.append(f"editor-{int(low[1:]):04d}")
+    for c in candidates:
+        row = store.adapter(c) if c else None
+        if row is not None:
+            return row
+    fail(f"no adapter {ref!r} (seal history lists them)")
+
+
+@main.command()
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--lines", "text_lines", type=click.IntRange(min=1), help="cut the passage and self-edit texts to N lines")
+@pass_app
+def show(app: App, adapter: str, as_json: bool, text_lines: int | None) -> None:
+    """One adapter version: lineage, training data (passage and chosen self-edit, or
+    the sleep's mix), candidates' rewards, evaluations, sha256 and files (checked).
+    ADAPTER: an id (knowledge-0003), a version (3 or v3; e2 for the editor) or 'active'."""
+    from .views import adapter_details, adapter_view, to_json
+
+    row = _adapter_row(app, adapter)
+    d = adapter_details(app.store, app.home.adapters, row["id"])
+    if as_json:
+        click.echo(to_json(d))
+        return
+    print_view(adapter_view(d, text_lines))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--limit", default=50, show_default=True, help="the newest N passages (0 = all)")
+@click.option("--state", type=click.Choice(JOB_STATES), help="only passages whose job is in this state")
+@pass_app
+def passages(app: App, as_json: bool, limit: int, state: str | None) -> None:
+    """Ingested passages: questions, job state, and their latest wake cycle (candidates
+    tried, best reward, chosen policy, the version it committed)."""
+    from .views import passages_table
+
+    store = _store_or_none(app)
+    rows = store.passage_overview(limit=-1, order="id", state=state) if store else []
+    shown = rows[-limit:] if limit > 0 else rows
+    if as_json:
+        click.echo(json.dumps(shown, indent=1))
+        return
+    if not shown:
+        click.echo("no passages" + (f" in state {state}" if state else " yet (seal ingest FILE)"))
+        return
+    print_table(passages_table(shown))
+    if len(shown) < len(rows):
+        click.echo(f"... {len(rows) - len(shown)} older (--limit 0 lists all)")
+
+
+@main.command()
+@click.argument("passage", type=int)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@pass_app
+def candidates(app: App, passage: int, as_json: bool) -> None:
+    """Every self-edit tried for PASSAGE (an id, see seal passages), in every cycle:
+    rewards (answer log-likelihood, accuracy and F1 gains), training loss, which won,
+    and the texts."""
+    from .views import candidates_view, to_json
+
+    store = _store_or_none(app)
+    p = store.passage(passage) if store else None
+    if p is None:
+        fail(f"no passage {passage} (seal passages lists them)")
+    cycles = store.cycles(passage_id=passage)
+    cands = store.cycle_candidates(c["id"] for c in cycles)
+    if as_json:
+        click.echo(to_json({"passage": p, "cycles": cycles[::-1], "candidates": cands}))
+        return
+    print_view(candidates_view(p, cycles, cands))
+
+
+@main.command()
+@click.argument("adapter")
+@pass_app
+def rollback(app: App, adapter: str) -> None:
+    """Make ADAPTER the active version of its adapter (newer versions are marked rolled
+    back; nothing is deleted; `seal rollback` to a newer one goes forward again).
+    Recorded as an event. Refuses beside a running daemon."""
+    from adapters.registry import AdapterRegistry
+
+    row = _adapter_row(app, adapter)
+    _refuse_beside_daemon(app, "learning")
+    registry = AdapterRegistry(app.home.adapters, app.store)
+    problem = registry.verify(row["id"])
+    if problem:
+        fail(f"cannot roll back: {problem}")
+    if app.store.active_adapter_id(row["name"]) == row["id"]:
+        click.echo(f"{row['id']} is already the active {row['name']} version")
+        return
+    detail = app.store.rollback(row["name"], row["id"])
+    gone = ", ".join(detail["rolled_back"]) or "none"
+    click.echo(f"active {row['name']} version: {row['id']} (was {detail['previous'] or 'the base model'}); "
+               f"marked rolled back: {gone}")
+
+
+@main.command()
+@click.argument("adapter")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False), help="folder to write (new or empty)")
+@click.option("--merged", is_flag=True, help="a full HF model folder with the adapter merged into the base model")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="--merged: weight dtype (auto: the base model's)")
+@pass_app
+def export(app: App, adapter: str, dest: str, merged: bool, dtype: str) -> None:
+    """Write ADAPTER as a standard PEFT adapter folder (PeftModel.from_pretrained(base,
+    DIR) loads it), or with --merged as a full HF model folder. The base model is the
+    configured one (model.path, or the default model)."""
+    import datetime as dt
+
+    from adapters.export import export_adapter, export_merged
+    from adapters.lora import AdapterError
+    from adapters.registry import AdapterRegistry
+
+    from .runtime import resolve_model_dir
+
+    row = _adapter_row(app, adapter)
+    registry = AdapterRegistry(app.home.adapters, app.store)
+    problem = registry.verify(row["id"])
+    if problem:
+        fail(f"cannot export: {problem}")
+    base_dir, base_name = resolve_model_dir(app.cfg.model)
+    provenance = {k: row.get(k) for k in ("id", "name", "version", "kind", "parent_id", "passage_id", "policy",
+                                          "reward", "created_at")}
+    provenance |= {"base_model": base_name, "exported_at": dt.datetime.now().isoformat(timespec="seconds"),
+                   "seal_home": str(app.home.root)}
+    src = registry.path(row["id"])
+    try:
+        if merged:
+            with err.status(f"merging {row['id']} into {base_name}..."):
+                export_merged(src, Path(dest), sha256=row["sha256"], base_model=base_dir, provenance=provenance,
+                              dtype=dtype)
+        else:
+            export_adapter(src, Path(dest), sha256=row["sha256"], base_model=str(base_dir), provenance=provenance)
+    except AdapterError as e:
+        fail(str(e))
+    what = f"a full model ({base_name} with {row['id']} merged in)" if merged else f"PEFT adapter {row['id']}"
+    click.echo(f"exported {what} to {dest}")
+
+
+@main.command()
+@click.option("--keep", required=True, type=click.IntRange(min=0), help="wake versions to keep, newest first")
+@click.option("--dry-run", is_flag=True, help="say what would be removed, remove nothing")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (removed, kept and why)")
+@pass_app
+def prune(app: App, keep: int, dry_run: bool, as_json: bool) -> None:
+    """Remove the files of old wake versions: all but the KEEP newest, the active one
+    and those referenced (the parent of a sleep checkpoint or editor version). Sleep
+    checkpoints and editor versions are never removed; rows stay (marked pruned) and
+    the removal is recorded as an event. Refuses beside a running daemon."""
+    from adapters.registry import AdapterRegistry
+
+    if _store_or_none(app) is None:
+        click.echo('{"removed": [], "kept": {}}' if as_json else "nothing to prune: no adapters yet")
+        return
+    _refuse_beside_daemon(app, "learning")
+    registry = AdapterRegistry(app.home.adapters, app.store)
+    plan = registry.prune_plan(keep) if dry_run else registry.prune(keep)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": plan.remove, "kept": plan.kept, "bytes": plan.bytes},
+                              indent=1))
+        return
+    verb = "would remove" if dry_run else "removed"
+    if not plan.remove:
+        click.echo(f"nothing to prune: {len(plan.kept)} wake version(s) kept")
+        return
+    ids = ", ".join(r["id"] for r in plan.remove)
+    click.echo(f"{verb} {len(plan.remove)} version(s), {plan.bytes / 2**20:.1f} MiB: {ids}")
+    for aid, why in plan.kept.items():
+        click.echo(f"  kept {aid}: {why}")
 
 
 # ---------------------------------------------------------------------------- daemon
@@ -858,6 +1032,31 @@ def _print_continual(result: dict) -> None:
                       _pct(s["logprob_retention"]) + "%", _pct(s["memorisation_exact"]) + "%",
                       _pct(s["memorisation_token_match"]) + "%")
     print_table(table)
+
+
+@bench.command("views")
+@click.option("--versions", default=300, show_default=True, type=click.IntRange(min=1), help="adapter versions in the synthetic store")
+@click.option("--passages", type=click.IntRange(min=1), help="passages (default: one per version, and a few queued)")
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(min=1), help="renders per measurement (median and max)")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="also write the result as JSON")
+def bench_views(versions: int, passages: int | None, repeat: int, out_path: str | None) -> None:
+    """Render time of every dashboard panel and static view on a synthetic store with
+    hundreds of versions (no model needed)."""
+    from .bench_views import run_views_bench
+
+    with _progress(1) as (say, _tick):
+        result = run_views_bench(versions, passages, repeat, say=say)
+    table = Table(title=f"seal tui / views: {result['versions']} versions, {result['passages']} passages "
+                        f"(store built in {result['build_s']:.1f} s); ms per render, median and max of {repeat}",
+                  box=None, pad_edge=False, title_justify="left")
+    for col in ("view", "size", "median ms", "max ms"):
+        table.add_column(col, justify="left" if col in ("view", "size") else "right", no_wrap=True)
+    for r in result["rows"]:
+        table.add_row(r["view"], r["size"], f"{r['median_ms']:.1f}", f"{r['max_ms']:.1f}")
+    print_table(table)
+    if out_path:
+        Path(out_path).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        click.echo(f"wrote {out_path}")
 
 
 class _progress:

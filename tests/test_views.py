@@ -1,0 +1,372 @@
+"""The panels and static views (agent/views.py), rendered with capture consoles at 80
+and 160 columns on a home without a store, an empty store, a store with one adapter
+and a store with hundreds of versions (built with Store methods: no model). Asserts
+on content: the right adapters, numbers and colours."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from agent.bench_views import sample_log, sample_store
+from agent.home import Home
+from agent.tui import Dashboard, parse_keys
+from agent.views import (
+    PANELS,
+    SHADES,
+    LineagePanel,
+    acc_color,
+    lineage_rows,
+    panel,
+    shade,
+    sparkline,
+    take_snapshot,
+)
+from store import NewDocument, NewPassage, NewQuestion, Store
+
+SIZES = [(80, 24), (160, 48)]
+ALL_PANELS = ("status", "lineage", "passages", "forgetting", "trends", "log")
+
+
+def ansi(hex_colour: str) -> str:
+    """The truecolor escape of a foreground colour, as rich writes it."""
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"38;2;{r};{g};{b}"
+
+
+def screen(dash: Dashboard, width: int, height: int, color: bool = False) -> tuple[list[str], str]:
+    """The dashboard drawn on a width x height screen: its lines, and the raw output."""
+    c = Console(width=width, height=height, record=True, file=io.StringIO(),
+                color_system="truecolor" if color else None, force_terminal=color)
+    c.print(dash.render(width, height))
+    raw = c.file.getvalue()
+    return c.export_text().splitlines(), raw
+
+
+def draw(renderable, width: int, height: int | None = None, color: bool = False) -> tuple[str, str]:
+    """A renderable in a width x height region (height None: unbounded): text, raw."""
+    c = Console(width=width, record=True, file=io.StringIO(), color_system="truecolor" if color else None,
+                force_terminal=color)
+    opts = c.options.update_dimensions(width, height) if height else c.options.update_width(width)
+    lines = c.render_lines(renderable, opts, pad=False)
+    c.print(*[_join(line) for line in lines], sep="\n", soft_wrap=True)
+    return c.export_text(), c.file.getvalue()
+
+
+def _join(segments):
+    from rich.text import Text
+
+    t = Text()
+    for s in segments:
+        t.append(s.text, style=s.style)
+    return t
+
+
+def dashboard(home: Home, store: Store | None) -> Dashboard:
+    d = Dashboard(home)
+    d._store = store
+    d.reload()
+    return d
+
+
+# ------------------------------------------------------------------ the stores
+def one_adapter(store: Store) -> str:
+    """One passage learned by knowledge-0001: three candidates (implications chosen),
+    probe accuracy 0 under the base and 1.0 under v1, drift and memorisation."""
+    text = "The Isle of Varn is a small island in the Grey Sea. Its capital is the town of Kelmora."
+    qs = (NewQuestion("What is the capital of Varn?", "Kelmora"), NewQuestion("Which sea?", "the Grey Sea"))
+    store.ingest([NewDocument("varn.json", "Isle of Varn", "json", "d" * 64, len(text),
+                              (NewPassage("Isle of Varn", text, "p" * 64, 20, qs),))], now=1.7e9)
+    cands = [
+        {"policy": "passage", "idx": 0, "text": "", "n_tokens": 0, "n_examples": 1, "reward_logprob": 0.05,
+         "reward_acc": 0.0, "reward_f1": 0.0, "train_loss": 0.9, "chosen": 0},
+        {"policy": "implications", "idx": 1, "text": "Kelmora is the capital of the Isle of Varn.", "n_tokens": 12,
+         "n_examples": 2, "reward_logprob": 0.42, "reward_acc": 0.5, "reward_f1": 0.5, "train_loss": 0.7, "chosen": 1},
+        {"policy": "implications", "idx": 2, "text": "Varn lies in a sea.", "n_tokens": 6, "n_examples": 2,
+         "reward_logprob": -0.13, "reward_acc": 0.0, "reward_f1": 0.0, "train_loss": 0.8, "chosen": 0},
+    ]
+    evals = [{"adapter_id": None, "passage_id": 1, "kind": "probe", "accuracy": 0.0, "f1": 0.0, "logprob": -3.0, "n": 1},
+             {"adapter_id": "knowledge-0001", "passage_id": 1, "kind": "probe", "accuracy": 1.0, "f1": 1.0,
+              "logprob": -0.5, "n": 1}]
+
+    def record():
+        store.record_cycle({"passage_id": 1, "job_id": 1, "started_at": 1.7e9 + 10, "outcome": "committed",
+                            "reason": "implications +0.420 beats the passage alone", "adapter_id": "knowledge-0001",
+                            "baseline_logprob": -3.0, "baseline_acc": 0.0, "n_reward": 1, "n_probe": 1},
+                           cands, evals, job_id=1, now=1.7e9 + 60)
+
+    store.add_adapter({"id": "knowledge-0001", "name": "knowledge", "version": 1, "parent_id": None, "kind": "wake",
+                       "passage_id": 1, "path": "knowledge-0001", "sha256": "a" * 64, "policy": "implications",
+                       "reward": 0.42, "metrics": {"probe_acc": 1.0}}, activate=True, also=record, now=1.7e9 + 60)
+    store.add_drift({"adapter_id": "knowledge-0001", "kl": 0.0123, "reading_acc": 0.75, "n_prompts": 16,
+                     "n_reading": 18}, now=1.7e9 + 61)
+    store.add_memorisation([{"adapter_id": "knowledge-0001", "passage_id": 1, "exact": 0, "token_match": 0.25,
+                             "prefix_tokens": 32, "n_tokens": 32}], now=1.7e9 + 61)
+    return "knowledge-0001"
+
+
+@pytest.fixture
+def empty_home(tmp_path) -> Home:
+    return Home(tmp_path / "home")
+
+
+@pytest.fixture
+def one(home):
+    home = Home(home).ensure()
+    store = Store(home.store_file)
+    one_adapter(store)
+    yield home, store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """300 knowledge versions: wake commits, a sleep every 8 commits, a rollback every
+    50 versions (a rolled-back branch each time), and a long daemon log."""
+    home = Home(tmp_path_factory.mktemp("many") / "home").ensure()
+    store = Store(home.store_file)
+    store.db.execute("PRAGMA synchronous = OFF")  # a test fixture: no need to survive power loss
+    counts = sample_store(store, 300, rollback_every=50)
+    sample_log(home.logs / "daemon.log", 3000)
+    yield home, store, counts
+    store.close()
+
+
+# ------------------------------------------------------------------ primitives
+def test_colours_shades_and_sparklines():
+    assert acc_color(0.0) == "#d73027" and acc_color(0.5) == "#fee08b" and acc_color(1.0) == "#1a9850"
+    assert acc_color(None) == "grey50"
+    assert [shade(a) for a in (0.0, 0.3, 0.6, 1.0)] == list(SHADES) and shade(None) == "·"
+    assert sparkline([0, 1, 2, 3, 4, 5, 6, 7], 8) == "▁▂▃▄▅▆▇█"
+    assert sparkline([1.0, None, 1.0], 10) == "▅▅"  # flat: the middle block; None skipped
+    long = sparkline(list(range(1000)), 20)
+    assert len(long) == 20 and long[0] == "▁" and long[-1] == "█"  # the whole history, bucketed
+    assert sparkline([], 10) == ""
+
+
+def test_lineage_rows_put_rolled_back_branches_under_their_fork():
+    def a(v, parent, status="committed", kind="wake"):
+        return {"id": f"knowledge-{v:04d}", "version": v, "parent_id": parent and f"knowledge-{parent:04d}",
+                "status": status, "kind": kind, "name": "knowledge"}
+
+    rows = [a(1, None), a(2, 1), a(3, 2, "rolled_back"), a(4, 3, "rolled_back"), a(5, 2), a(6, 5, kind="sleep")]
+    got = [(d, r["version"]) for d, r in lineage_rows(rows, "knowledge-0006")]
+    assert got == [(0, 1), (0, 2), (1, 3), (1, 4), (0, 5), (0, 6)]
+    chain = [a(1, None)] + [a(v, v - 1) for v in range(2, 3001)]
+    got = lineage_rows(chain, "knowledge-3000")
+    assert len(got) == 3000 and {d for d, _ in got} == {0}  # a long chain stays flat (and no recursion)
+
+
+def test_parse_keys():
+    assert parse_keys("\x1b[A\x1b[Bq") == ["up", "down", "q"]
+    assert parse_keys("2\t\x1b[Z\r\x1b") == ["2", "tab", "shift-tab", "enter", "esc"]
+    assert parse_keys("\x1b[5~j\x1b[99;5Xk") == ["pgup", "j", "k"]  # an unknown sequence is skipped whole
+
+
+# ------------------------------------------------------------------ empty homes
+@pytest.mark.parametrize("width,height", SIZES)
+def test_every_panel_on_a_home_without_a_store(empty_home, width, height):
+    snap = take_snapshot(empty_home, None)
+    assert not snap.has_store and not empty_home.store_file.exists()
+    dash = dashboard(empty_home, None)
+    texts = {}
+    for focus in PANELS:
+        dash.focus = focus
+        lines, _ = screen(dash, width, height)
+        assert len(lines) == height and max(len(line) for line in lines) <= width
+        texts[focus] = "\n".join(lines)
+    assert "not running" in texts["overview"] and "none (base model)" in texts["overview"]
+    assert "no adapter versions yet" in texts["lineage"]
+    assert "no passages yet" in texts["passages"]
+    assert "nothing learned yet" in texts["forgetting"]
+    assert "(no data)" in texts["trends"]
+    assert "no daemon log yet" in texts["log"]
+    assert not empty_home.store_file.exists()  # looking created nothing
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_every_panel_on_an_empty_store(tmp_path, width, height):
+    home = Home(tmp_path / "home").ensure()
+    with Store(home.store_file) as store:
+        dash = dashboard(home, store)
+        for focus in PANELS:
+            dash.focus = focus
+            lines, _ = screen(dash, width, height)
+            assert len(lines) == height and max(len(line) for line in lines) <= width
+        dash.focus = "overview"
+        text = "\n".join(screen(dash, width, height)[0])
+        assert "no adapter versions yet" in text and "0 pending" in text
+
+
+# ------------------------------------------------------------------ one adapter
+@pytest.mark.parametrize("width", [80, 160])
+def test_one_adapter_every_panel(one, width):
+    home, store = one
+    snap = take_snapshot(home, store)
+    status, _ = draw(panel("status", snap), width)
+    assert "active knowledge-0001 (wake, #1 Isle of Varn)" in status
+    assert "0 pending, 0 learning, 1 done, 0 failed" in status
+
+    lineage, raw = draw(panel("lineage", snap), width, color=True)
+    line = next(ln for ln in lineage.splitlines() if "v1" in ln)
+    assert "●" in line and "#1 Isle of Varn" in line and "implications" in line and "+0.420" in line
+    assert "p1.00" in line and "active" in line
+    assert ansi(acc_color(1.0)) in raw  # the probe accuracy at commit, coloured
+
+    passages, raw = draw(panel("passages", snap), width, color=True)
+    row = next(ln for ln in passages.splitlines() if "Isle of Varn" in ln)
+    assert "committed" in row and "+0.05" in row and "+0.42★" in row and "-0.13" in row and "implications" in row
+    assert "\x1b[1;4;32m" in raw or "1;4;32" in raw  # the chosen reward: green, bold, underlined
+
+    forgetting, raw = draw(panel("forgetting", snap), width, color=True)
+    rows = {ln.split()[1]: ln for ln in forgetting.splitlines() if ln.startswith("│ ")}
+    assert "████" not in forgetting  # one passage: one cell of two characters per row
+    assert re.search(r"base\s+░░", forgetting) and re.search(r"v1 w\*\s+██", forgetting), rows
+    assert ansi(acc_color(1.0)) in raw and ansi(acc_color(0.0)) in raw
+    assert "avg acc 1.00 (at learning 1.00)  retention 1.00" in forgetting
+    assert "drift KL 0.0123, reading 0.75" in forgetting and "memorised 0.00 exact, 0.25 of tokens" in forgetting
+
+    trends, _ = draw(panel("trends", snap), width)
+    assert "+0.420 (1/1 kept)" in trends and "retention" in trends and "0.0123" in trends
+
+
+def test_one_adapter_details_and_candidates_in_the_dashboard(one):
+    home, store = one
+    dash = dashboard(home, store)
+    assert dash.handle("2") and dash.focus == "lineage"
+    dash.handle("down")
+    assert dash.selected_adapter == "knowledge-0001"  # the active one first
+    lines, raw = screen(dash, 80, 24, color=True)
+    assert "\x1b[7m" in raw or ";7m" in raw  # the selected row is drawn reversed
+    dash.handle("enter")
+    text = "\n".join(screen(dash, 80, 24)[0])
+    assert "knowledge-0001  wake version 1 of knowledge, active" in text
+    assert "sha256   " + "a" * 64 in text and "missing" in text  # no files in this store: said so
+    dash.handle("esc")
+    assert dash.detail is None
+    dash.handle("3")
+    dash.handle("enter")  # the first passage's candidates
+    text = "\n".join(screen(dash, 80, 24)[0])
+    assert "passage #1: candidates" in text and "★ chosen" in text and "Kelmora is the capital" in text
+    assert dash.handle("q") is False
+
+
+# ------------------------------------------------------------------ hundreds
+def test_hundreds_of_versions_at_80x24(many):
+    home, store, counts = many
+    assert counts["versions"] == 300
+    dash = dashboard(home, store)
+    assert len(dash.snap.lineage) == 300
+    newest = max(a["version"] for a in dash.snap.lineage)
+    active = dash.snap.active["knowledge"]
+    for focus in PANELS:
+        dash.focus = focus
+        lines, _ = screen(dash, 80, 24)
+        assert len(lines) == 24 and max(len(ln) for ln in lines) <= 80, focus
+        text = "\n".join(lines)
+        if focus in ("overview", "lineage"):
+            assert f"v{newest} " in text and "earlier" in text
+            assert any(f"v{int(active.rsplit('-', 1)[1])} " in ln and "active" in ln for ln in lines)
+        if focus == "lineage":
+            assert "✗" in text and "rolled back" in text and "◆" in text  # rollbacks and sleeps marked
+        if focus == "forgetting":
+            assert "earlier versions" in text and "of " in text and "passages)" in text
+            assert re.search(r"v\d+ w\*", text)
+        if focus == "log":
+            assert text.count("agent.wake") == 24 - 4  # the last lines that fit (borders, header, footer)
+    # the selection walks back through the versions and the window follows it
+    dash.focus = "lineage"
+    for _ in range(40):
+        dash.handle("up")
+    lines, _ = screen(dash, 80, 24)
+    sel = dash.selected_adapter
+    assert sel is not None and any(f"v{int(sel.rsplit('-', 1)[1])} " in ln for ln in lines)
+
+
+def test_hundreds_of_versions_at_160x48_show_every_panel(many):
+    home, store, _ = many
+    dash = dashboard(home, store)
+    lines, raw = screen(dash, 160, 48, color=True)
+    text = "\n".join(lines)
+    assert len(lines) == 48 and max(len(ln) for ln in lines) <= 160
+    for title in ("daemon", "adapter lineage", "recent passages", "forgetting matrix", "over time", "daemon log"):
+        assert f"─ {title} ─" in text, title
+    assert ansi(acc_color(1.0)) in raw and ansi(acc_color(0.5)) in raw  # the heatmap's colours
+    # more room shows more versions than 80x24 does
+    small = "\n".join(screen(dash, 80, 24)[0])
+    assert len(re.findall(r" v\d+ ", text)) > len(re.findall(r" v\d+ ", small))
+
+
+def test_lineage_panel_unbounded_shows_every_version(many):
+    home, store, _ = many
+    snap = take_snapshot(home, store)
+    text, _ = draw(LineagePanel(snap), 120)
+    assert len(text.strip().splitlines()) == 300
+    assert text.count("rolled back") == sum(1 for a in snap.lineage if a["status"] == "rolled_back") > 0
+
+
+# ------------------------------------------------------------------ the CLI views
+def test_static_views_through_the_cli(one, seal):
+    home, store = one
+    r = seal("history")
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and lines[1].startswith("knowledge-0001 *") and max(map(len, lines)) <= 80
+    r = seal("history", "--tree")
+    assert r.exit_code == 0 and "● v1" in r.stdout
+
+    r = seal("show", "v1")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "knowledge-0001  wake version 1 of knowledge, active" in out
+    assert "training data: passage #1 Isle of Varn" in out and "Kelmora is the capital of the Isle of Varn." in out
+    assert "self-edit [1] implications (reward +0.420" in out
+    assert "sha256   " + "a" * 64 in out and "is missing" in out
+    assert max(map(len, out.splitlines())) <= 80
+    d = json.loads(seal("show", "knowledge-0001", "--json").stdout)
+    assert d["adapter"]["sha256"] == "a" * 64 and d["chosen"]["policy"] == "implications"
+    assert [c["reward_logprob"] for c in d["candidates"]] == [0.05, 0.42, -0.13]
+    assert d["memorisation"]["token_match"] == 0.25 and d["drift"]["kl"] == 0.0123
+    assert [e["accuracy"] for e in d["evaluations"]] == [1.0]
+
+    r = seal("passages")
+    assert r.exit_code == 0 and re.search(r"^\s*1\s+Isle of Varn\s+committed\s+2\s+3\s+\+0\.420\s+implications\s+knowledge-0001$",
+                                          r.stdout, re.M), r.stdout
+    assert json.loads(seal("passages", "--json").stdout)[0]["chosen_policy"] == "implications"
+
+    r = seal("candidates", "1")
+    assert r.exit_code == 0 and "★ chosen" in r.stdout and "Varn lies in a sea." in r.stdout
+    assert "(the passage alone)" in r.stdout and "committed -> knowledge-0001" in r.stdout
+    c = json.loads(seal("candidates", "1", "--json").stdout)
+    assert [x["chosen"] for x in c["candidates"]] == [0, 1, 0]
+
+    r = seal("tui")  # not a terminal: every panel once, as plain text
+    assert r.exit_code == 0
+    for title in ("daemon", "adapter lineage", "recent passages", "forgetting matrix", "over time", "daemon log"):
+        assert title in r.stdout
+    assert "\x1b[" not in r.stdout
+
+
+def test_views_refuse_what_is_not_there(one, seal, tmp_path):
+    home, store = one
+    before = store.counts()
+    for args, msg in ((("show", "knowledge-0042"), "no adapter 'knowledge-0042'"),
+                      (("show", "v7"), "no adapter 'v7'"),
+                      (("candidates", "9"), "no passage 9"),
+                      (("rollback", "nope"), "no adapter 'nope'")):
+        r = seal(*args)
+        assert r.exit_code == 1 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert store.counts() == before
+
+
+def test_read_only_views_create_no_store(seal, home):
+    for args in (("history",), ("passages",), ("tui",), ("forgetting",), ("history", "--json")):
+        r = seal(*args)
+        assert r.exit_code == 0, r.output
+    r = seal("show", "v1")
+    assert r.exit_code == 1 and "nothing learned yet" in r.output
+    assert not (Path(home) / "store.db").exists()
