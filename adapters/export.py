@@ -90,6 +90,9 @@ def export_merged(src: Path, dest: Path, *, sha256: str, base_model: str | Path,
     digest = hashlib.sha256((src / lora.WEIGHTS_NAME).read_bytes()).hexdigest()
     if digest != sha256:
         raise AdapterError(f"{src / lora.WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the store's {sha256[:12]}…")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI shows its own status
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype != "auto" and dtype not in names:
         raise AdapterError(f"unknown dtype {dtype!r} (auto, {', '.join(names)})")

@@ -6,8 +6,10 @@ stderr and a non-zero exit; tracebacks are for bugs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -331,24 +333,37 @@ def learn(app: App, max_passages: int | None) -> None:
     learner = app.learner
     reports = []
     if err.is_terminal:
+        import time
+
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task("learning", total=total)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=err, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+            task = bar.add_task("learning", total=total, rate="")
+            started, tokens = time.monotonic(), [0]
 
             def progress(msg: str) -> None:
-                bar.update(task, description=msg[:60])
+                bar.update(task, description=msg[:50])
 
             def report(r) -> None:
-                bar.advance(task)
-                _print_report(r)
+                # tokens generated and trained on, as the cycle recorded them
+                last = app.store.cycles(passage_id=r.passage_id, limit=1)
+                with contextlib.suppress(ValueError, TypeError, IndexError):
+                    tokens[0] += sum(json.loads(last[0]["tokens"] or "{}").values())
+                rate = tokens[0] / max(time.monotonic() - started, 1e-9)
+                bar.update(task, advance=1, rate=f"{rate:,.0f} tok/s" if tokens[0] else "")
+                if out.is_terminal:  # the same screen: above the bar, not through it
+                    bar.console.print(_report_line(r), markup=False, highlight=False, soft_wrap=True)
+                else:
+                    _print_report(r)
 
             reports = drain(learner, max_passages, progress, on_report=report)
     else:
@@ -360,12 +375,16 @@ def learn(app: App, max_passages: int | None) -> None:
         sys.exit(1)
 
 
-def _print_report(r) -> None:
+def _report_line(r) -> str:
     secs = sum(r.timings.values())
     probe = ""
     if r.probe_before is not None and r.probe_after is not None:
         probe = f" probe acc {r.probe_before.accuracy:.2f}->{r.probe_after.accuracy:.2f}"
-    click.echo(f"{r.outcome:9} #{r.passage_id} {r.title[:30]!r} {r.adapter_id or ''}{probe} ({secs:.0f}s): {r.reason}")
+    return f"{r.outcome:9} #{r.passage_id} {r.title[:30]!r} {r.adapter_id or ''}{probe} ({secs:.0f}s): {r.reason}"
+
+
+def _print_report(r) -> None:
+    click.echo(_report_line(r))
 
 
 # --------------------------------------------------------------------------- history
@@ -431,9 +450,8 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
         learner = app.learner
         learner.recover()  # leftovers of a killed commit go before a new one
         if err.is_terminal and not as_json:
-            with err.status("sleeping...") as status:
-                report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual",
-                                     progress=lambda msg: status.update(msg[:70]))
+            with _StepProgress("sleeping") as progress:
+                report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual", progress=progress)
         else:
             report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual",
                                  progress=lambda msg: log.info(msg))
@@ -447,6 +465,44 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
         _print_sleep(report)
     if report.outcome in ("failed", "abandoned"):
         sys.exit(1)
+
+
+class _StepProgress:
+    """A progress bar fed by progress messages: a message with "step I/N" in it moves
+    the bar (steps, elapsed, ETA), any other message names the current phase."""
+
+    STEP = re.compile(r"step (\d+)/(\d+)")
+
+    def __init__(self, description: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=err, transient=True)
+        self.task = self.bar.add_task(description, total=None)
+
+    def __call__(self, msg: str) -> None:
+        m = self.STEP.search(msg)
+        if m:
+            done, total = int(m.group(1)), int(m.group(2))
+            if self.bar.tasks[0].total != total:  # a new phase of steps: its own ETA
+                self.bar.reset(self.task, total=total)
+            self.bar.update(self.task, completed=done, description=msg[: m.start()].rstrip(" :,")[:40] or "training")
+        else:
+            self.bar.update(self.task, description=msg[:50])
+
+    def __enter__(self) -> _StepProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -104,6 +105,18 @@ def sparkline(values: Iterable[float | None], width: int) -> str:
     if hi - lo < 1e-12:
         return SPARKS[len(SPARKS) // 2] * len(xs)
     return "".join(SPARKS[min(int((x - lo) / (hi - lo) * len(SPARKS)), len(SPARKS) - 1)] for x in xs)
+
+
+def cell(text: str | None, style: str = "") -> Text:
+    """A table cell that stays on one line and ends in an ellipsis when cut. Put it in
+    a column with ``no_wrap=False``: rich then narrows that column, not every column
+    alike, when a table is too wide."""
+    return Text(text or "", style=style, no_wrap=True, overflow="ellipsis")
+
+
+def indented(text: str, by: int = 4, style: str = "") -> Padding:
+    """Text wrapped at the width, every line indented."""
+    return Padding(Text(text, style=style), (0, 0, 0, by))
 
 
 def _fit(text: Text | str, width: int) -> Text:
@@ -332,11 +345,13 @@ class LineagePanel:
             rows += lineage_rows(versions, self.snap.active.get(name))
         return rows
 
-    def line(self, depth: int, a: dict, width: int) -> Text:
+    def line(self, depth: int, a: dict, width: int, fork: bool = False) -> Text:
+        """One version; ``fork``: the first of a branch (drawn with └, its followers
+        indented under it)."""
         active = self.snap.active.get(a["name"]) == a["id"]
         key = "active" if active else a["status"] if a["status"] in ("rolled_back", "pruned") else a["kind"]
         mark, style = self.MARKS.get(key, ("○", ""))
-        t = Text("  " * depth + ("└ " if depth else ""), style="grey50")
+        t = Text("  " * depth + (("└ " if fork else "  ") if depth else ""), style="grey50")
         t.append(mark + " ", style=style)
         t.append(f"{short_id(a['id']):<5}", style="bold" if active else "")
         if a["kind"] == "wake":
@@ -376,12 +391,15 @@ class LineagePanel:
         n_know = sum(1 for _, a in rows if a["name"] == KNOWLEDGE)
         lines: list[Text] = []
         ids: list[str | None] = []
+        prev: tuple[int, dict] | None = None
         for i, (depth, a) in enumerate(rows):
             if i == n_know and n_know < len(rows):
                 lines.append(Text("editor (ReST-EM)", style="bold cyan"))
                 ids.append(None)
-            lines.append(self.line(depth, a, width))
+            fork = prev is None or prev[0] != depth or prev[1]["id"] != a.get("parent_id")
+            lines.append(self.line(depth, a, width, fork))
             ids.append(a["id"])
+            prev = (depth, a)
         room = _room(options)
         if room is not None and len(lines) > room:
             # keep the selection in view; else show the newest knowledge versions
@@ -567,14 +585,14 @@ def history_table(rows: list[dict], width: int = 80) -> Table:
     x rolled back, - pruned; a sleep version's passage column names the sleep."""
     table = Table(box=None, pad_edge=False, collapse_padding=True)
     for col in ("id", "parent", "passage", "policy", "reward", "probe", "when"):
-        # only the passage title (and a long policy name) may shrink: ids and numbers stay whole
-        table.add_column(col, no_wrap=True, overflow="ellipsis" if col in ("passage", "policy") else "fold",
-                         ratio=1 if col == "passage" else None, max_width=10 if col == "policy" else None)
+        # only the passage title may shrink: ids and numbers stay whole
+        table.add_column(col, no_wrap=col != "passage", overflow="ellipsis" if col in ("passage", "policy") else "fold",
+                         max_width=10 if col == "policy" else None)
     for r in rows:
         mark = " *" if r["active"] else " x" if r["status"] == "rolled_back" else " -" if r["status"] == "pruned" else ""
         probe = "-" if r["probe_acc"] is None else f"{r['probe_acc']:.2f}"
         reward = "-" if r["reward"] is None else f"{r['reward']:+.3f}"
-        what = f"{r['passage_id']} {(r['title'] or '')[:18]}" if r["kind"] == "wake" else f"({r['kind']})"
+        what = cell(f"{r['passage_id']} {r['title'] or ''}" if r["kind"] == "wake" else f"({r['kind']})")
         style = "bold green" if r["active"] else "dim" if r["status"] in ("rolled_back", "pruned") else None
         table.add_row(r["id"] + mark, r["parent_id"] or "base", what, r["policy"] or "-", reward, probe,
                       _day_time(r["created_at"]), style=style)
@@ -589,7 +607,7 @@ def passages_table(rows: list[dict]) -> Table:
     """`seal passages`: every passage with its state and latest cycle."""
     table = Table(box=None, pad_edge=False, collapse_padding=True)
     table.add_column("id", justify="right", no_wrap=True)
-    table.add_column("passage", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("passage", no_wrap=False, overflow="ellipsis")
     table.add_column("state", no_wrap=True)
     table.add_column("qs", justify="right", no_wrap=True)
     table.add_column("cands", justify="right", no_wrap=True)
@@ -600,7 +618,7 @@ def passages_table(rows: list[dict]) -> Table:
         state = p["outcome"] if p["state"] == "done" and p["outcome"] else p["state"] or "-"
         if p["state"] == "claimed":
             state = "learning"
-        table.add_row(str(p["id"]), p["title"] or "(untitled)", state, str(p["n_questions"]),
+        table.add_row(str(p["id"]), cell(p["title"] or "(untitled)"), state, str(p["n_questions"]),
                       str(p["n_candidates"]) if p["cycle_id"] else "-", num(p["best_reward"], "+.3f"),
                       p["chosen_policy"] or "-", p["adapter_id"] or "-")
     return table
@@ -630,20 +648,19 @@ def candidates_view(passage: dict, cycles: list[dict], candidates: list[dict], w
         for col, just in (("#", "right"), ("policy", "left"), ("ll gain", "right"), ("acc gain", "right"),
                           ("f1 gain", "right"), ("loss", "right"), ("tokens", "right"), ("won", "left"),
                           ("note", "left")):
-            table.add_column(col, justify=just, no_wrap=True,
-                             overflow="ellipsis" if col == "note" else "fold", ratio=1 if col == "note" else None)
+            table.add_column(col, justify=just, no_wrap=col != "note", overflow="fold")
         for c in by_cycle.get(cy["id"], []):
             table.add_row(str(c["idx"]), c["policy"], Text(num(c["reward_logprob"], "+.3f"), style=reward_style(c["reward_logprob"])),
                           num(c["reward_acc"], "+.2f"), num(c["reward_f1"], "+.2f"), num(c["train_loss"], ".3f"),
                           str(c["n_tokens"] or 0), Text("★ chosen", style="bold green") if c["chosen"] else "",
-                          c["note"] or "", style="bold" if c["chosen"] else None)
+                          cell(c["note"]), style="bold" if c["chosen"] else None)
         parts.append(table)
         for c in by_cycle.get(cy["id"], []):
             head = Text.assemble(("  [" + str(c["idx"]) + "] ", "bold"), c["policy"],
                                  (" ★" if c["chosen"] else "", "bold green"))
             parts.append(head)
             body = (c["text"] or "").strip() or ("(the passage alone)" if c["policy"] == "passage" else "(empty)")
-            parts.append(Text("\n".join("      " + ln for ln in body.splitlines()), style="" if c["text"] else "dim"))
+            parts.append(indented(body, 6, style="" if c["text"] else "dim"))
     return Group(*parts)
 
 
@@ -715,11 +732,23 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
     ``text_lines`` cuts the self-edit and passage texts (None: in full)."""
     a = d["adapter"]
 
-    def cut(text: str) -> str:
-        lines = (text or "").strip().splitlines()
-        if text_lines is not None and len(lines) > text_lines:
-            lines = lines[:text_lines] + [f"… ({len(lines) - text_lines} more lines)"]
-        return "\n".join("    " + ln for ln in lines)
+    def cut(text: str, style: str = "") -> Padding:
+        body = (text or "").strip()
+        if text_lines is not None:  # as many wrapped lines as asked, at the console's width
+            lines = body.splitlines()
+            words = " ".join(lines).split()
+            kept, line, out_lines = [], "", []
+            for w in words:
+                if len(line) + len(w) + 1 > 74 and line:
+                    out_lines.append(line)
+                    line = w
+                else:
+                    line = f"{line} {w}".strip()
+            out_lines.append(line)
+            if len(out_lines) > text_lines:
+                kept = out_lines[:text_lines] + [f"… ({len(out_lines) - text_lines} more lines)"]
+                body = "\n".join(kept)
+        return indented(body, 4, style)
 
     status = "active" if d["active"] else a["status"].replace("_", " ")
     parts: list = [Text.assemble((a["id"], "bold"), f"  {a['kind']} version {a['version']} of {a['name']}, ",
@@ -747,14 +776,14 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
         p = d["passage"]
         parts.append(Text.assemble("\n", ("training data", "bold underline"),
                                    f": passage #{p['id']} {p['title'] or ''} ({p['n_tokens'] or '?'} tokens)"))
-        parts.append(Text(cut(p["text"]), style="dim"))
+        parts.append(cut(p["text"], "dim"))
         ch = d["chosen"]
         if ch:
             parts.append(Text.assemble(f"  + self-edit [{ch['idx']}] ", (ch["policy"], "bold"),
                                        f" (reward {num(ch['reward_logprob'], '+.3f')} answer log-lik, "
                                        f"{num(ch['reward_acc'], '+.2f')} accuracy)"))
             body = (ch["text"] or "").strip()
-            parts.append(Text(cut(body) if body else "    (the passage alone)"))
+            parts.append(cut(body) if body else indented("(the passage alone)", 4, "dim"))
     if d["sleep"]:
         s = d["sleep"]
         b, af = s.get("before") or {}, s.get("after") or {}
@@ -797,10 +826,10 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
                                    f" under {a['id']} (latest of each passage)"))
         t = Table(box=None, pad_edge=False, collapse_padding=True)
         for col in ("passage", "kind", "accuracy", "answer log-lik", "n"):
-            t.add_column(col, justify="left" if col in ("passage", "kind") else "right", no_wrap=True,
+            t.add_column(col, justify="left" if col in ("passage", "kind") else "right", no_wrap=col != "passage",
                          overflow="ellipsis", max_width=36 if col == "passage" else None)
         for e in d["evaluations"]:
-            t.add_row(f"#{e['passage_id']} {e['title'] or ''}", e["kind"],
+            t.add_row(cell(f"#{e['passage_id']} {e['title'] or ''}"), e["kind"],
                       Text(num(e["accuracy"]), style=acc_color(e["accuracy"])), num(e["logprob"], ".3f"), str(e["n"]))
         parts.append(t)
     extra = []
@@ -866,10 +895,10 @@ def forgetting_view(s: dict) -> Group:
     """`seal forgetting` on a terminal: the heatmap, then the per-passage table."""
     table = Table(box=None, pad_edge=False, collapse_padding=True, title_justify="left")
     for col in ("passage", "learned", "at-learn", "best", "current", "forgot"):
-        table.add_column(col, justify="left" if col == "passage" else "right", no_wrap=True,
+        table.add_column(col, justify="left" if col == "passage" else "right", no_wrap=col != "passage",
                          overflow="ellipsis", max_width=34 if col == "passage" else None)
     for p in s["per_passage"]:
-        table.add_row(f"#{p['passage_id']} {p['title']}", short_id(p["learned_by"]),
+        table.add_row(cell(f"#{p['passage_id']} {p['title']}"), short_id(p["learned_by"]),
                       Text(num(p["at_learning"]), style=acc_color(p["at_learning"])),
                       Text(num(p["best"]), style=acc_color(p["best"])),
                       Text(num(p["current"]), style=acc_color(p["current"])),

@@ -370,3 +370,21 @@ def test_read_only_views_create_no_store(seal, home):
     r = seal("show", "v1")
     assert r.exit_code == 1 and "nothing learned yet" in r.output
     assert not (Path(home) / "store.db").exists()
+
+
+def test_step_progress_moves_its_bar_from_step_messages(monkeypatch):
+    from agent import cli
+
+    term = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(cli, "err", term)
+    with cli._StepProgress("sleeping") as progress:
+        progress("sleep (replay): measuring 3 learned passage(s) before")
+        task = progress.bar.tasks[0]
+        assert task.total is None and task.description.startswith("sleep (replay): measuring")
+        progress("consolidating: step 4/30, loss 0.812")
+        assert (task.completed, task.total, task.description) == (4, 30, "consolidating")
+        progress("consolidating: step 30/30, loss 0.500")
+        progress("measuring after")
+        assert (task.completed, task.total, task.description) == (30, 30, "measuring after")
+        progress("editor: step 2/10")  # another phase of steps: a fresh bar and ETA
+        assert (task.completed, task.total) == (2, 10)
