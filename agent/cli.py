@@ -569,14 +569,40 @@ def forgetting(app: App, as_json: bool) -> None:
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
               help="seconds between reads of the store")
 @click.option("--once", is_flag=True, help="print every panel once and exit (what a pipe gets)")
+@click.option("--size", metavar="WxH", help="with --once: one dashboard screen of this size (e.g. 80x24) instead")
+@click.option("--panel", "focus", type=click.Choice(["overview", "lineage", "passages", "forgetting", "trends", "log"]),
+              default="overview", show_default=True, help="with --size: the panel on that screen")
+@click.option("--svg", "svg_path", type=click.Path(dir_okay=False), help="with --size: also save the screen as SVG")
 @pass_app
-def tui(app: App, interval: float, once: bool) -> None:
+def tui(app: App, interval: float, once: bool, size: str | None, focus: str, svg_path: str | None) -> None:
     """Live dashboard: daemon status, adapter lineage, recent passages and their
     candidates, the forgetting heatmap, reward/retention/memorisation over time, the
     daemon's log. Keys: 1-6/Tab panels, arrows select, Enter details, Esc back, q quit.
     It only reads; when stdout is not a terminal it prints once, as plain text."""
     from .views import static_dashboard, take_snapshot
 
+    if size:
+        import io
+
+        from .tui import Dashboard
+
+        try:
+            width, height = (int(x) for x in size.lower().split("x"))
+            if width < 20 or height < 5:
+                raise ValueError
+        except ValueError:
+            fail(f"--size {size!r}: expected WIDTHxHEIGHT, at least 20x5 (e.g. 80x24)")
+        dash = Dashboard(app.home)
+        dash.reload()
+        dash.focus = focus
+        screen = Console(width=width, height=height, record=True, file=io.StringIO(),
+                         color_system="truecolor" if out.is_terminal or svg_path else None, force_terminal=True)
+        screen.print(dash.render(width, height))
+        dash.close()
+        if svg_path:
+            screen.save_svg(svg_path, title=f"seal tui ({width}x{height})", clear=False)
+        click.echo("\n".join(line.rstrip() for line in screen.export_text().splitlines()))
+        return
     if once or not out.is_terminal:
         print_view(static_dashboard(take_snapshot(app.home, _store_or_none(app))))
         return

@@ -307,7 +307,8 @@ class StatusPanel:
         last = snap.sleeps[0] if snap.sleeps else None
         last_s = f"{when(last['started_at'])} {last['outcome']}" if last else "never"
         out.append(Text(f"sleep  last {last_s}; next {nxt if s.get('running') else '-'}"))
-        out.append(Text(f"model  {s.get('model') or '-'}"))
+        if s.get("running"):
+            out.append(Text(f"model  {s.get('model') or '-'}"))
         if s.get("activity") or s.get("heartbeat_age_s") is not None:
             beat = "-" if s.get("heartbeat_age_s") is None else duration(s["heartbeat_age_s"]) + " ago"
             out.append(Text(f"doing  {s.get('activity') or '-'} (heartbeat {beat})"))

@@ -388,3 +388,17 @@ def test_step_progress_moves_its_bar_from_step_messages(monkeypatch):
         assert (task.completed, task.total, task.description) == (30, 30, "measuring after")
         progress("editor: step 2/10")  # another phase of steps: a fresh bar and ETA
         assert (task.completed, task.total) == (2, 10)
+
+
+def test_one_screen_of_a_given_size_and_its_svg(one, seal, tmp_path):
+    svg = tmp_path / "tui.svg"
+    r = seal("tui", "--size", "80x24", "--svg", str(svg))
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 24 and max(map(len, lines)) <= 80
+    assert "knowledge-0001" in lines[0] and "─ adapter lineage ─" in r.stdout and "1 overview" in lines[-1]
+    assert svg.read_text().startswith("<svg") and "knowledge-0001" in svg.read_text()
+    r = seal("tui", "--size", "100x30", "--panel", "forgetting")
+    assert r.exit_code == 0 and "─ forgetting matrix ─" in r.stdout and len(r.stdout.splitlines()) == 30
+    r = seal("tui", "--size", "80by24")
+    assert r.exit_code == 1 and "expected WIDTHxHEIGHT" in r.output
