@@ -146,6 +146,7 @@ class Snapshot:
     drift: list[dict] = field(default_factory=list)
     sleeps: list[dict] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
+    retention: list[tuple[str, int, float]] = field(default_factory=list)  # retention_series(forgetting)
 
     def adapter(self, adapter_id: str | None) -> dict | None:
         return next((a for a in self.lineage if a["id"] == adapter_id), None)
@@ -196,6 +197,7 @@ def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_li
         snap.memorisation = store.memorisation_rates()
         snap.drift = store.drift()
         snap.sleeps = store.sleeps(limit=20)
+    snap.retention = retention_series(snap.forgetting)
     return snap
 
 
@@ -533,7 +535,7 @@ class TrendsPanel:
     def series(self) -> list[tuple[str, list[float | None], str]]:
         snap = self.snap
         chosen = [r["chosen"] if r["chosen"] is not None else r["best"] for r in snap.rewards]
-        ret = [v for _, _, v in retention_series(snap.forgetting)]
+        ret = [v for _, _, v in snap.retention]
         mem = [m["exact_rate"] for m in snap.memorisation if m["adapter_id"] is not None]
         kl = [d["kl"] for d in snap.drift if d["adapter_id"] is not None and d["kl"] is not None]
         committed = sum(1 for r in snap.rewards if r["outcome"] == "committed")
