@@ -221,7 +221,7 @@ class Dashboard:
                 self.scroll = min(max(self.scroll + step, 0), max(self._detail_lines - 1, 0))
             elif key in ("esc", "backspace", "left", "h"):
                 self.detail, self.detail_body = None, None
-            elif key in "123456" and len(key) == 1 or key in ("tab", "shift-tab"):
+            elif (len(key) == 1 and key in "123456") or key in ("tab", "shift-tab"):
                 self.detail, self.detail_body = None, None
                 return self.handle(key)
             return True

@@ -736,21 +736,13 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
     a = d["adapter"]
 
     def cut(text: str, style: str = "") -> Padding:
-        body = (text or "").strip()
-        if text_lines is not None:  # as many wrapped lines as asked, at the console's width
-            lines = body.splitlines()
-            words = " ".join(lines).split()
-            kept, line, out_lines = [], "", []
-            for w in words:
-                if len(line) + len(w) + 1 > 74 and line:
-                    out_lines.append(line)
-                    line = w
-                else:
-                    line = f"{line} {w}".strip()
-            out_lines.append(line)
-            if len(out_lines) > text_lines:
-                kept = out_lines[:text_lines] + [f"… ({len(out_lines) - text_lines} more lines)"]
-                body = "\n".join(kept)
+        body = " ".join((text or "").split()) if text_lines is not None else (text or "").strip()
+        if text_lines is not None:  # the first wrapped lines (at 76 columns), and how many more
+            import textwrap
+
+            lines = textwrap.wrap(body, 76)
+            if len(lines) > text_lines:
+                body = "\n".join(lines[:text_lines] + [f"… ({len(lines) - text_lines} more lines)"])
         return indented(body, 4, style)
 
     status = "active" if d["active"] else a["status"].replace("_", " ")
