@@ -497,13 +497,17 @@ class ForgettingPanel:
         rows = [(i, a) for i, a in enumerate(s["adapters"])
                 if any(c is not None for c in s["accuracy"][i]) or a["active"]]
         pids = [p["id"] for p in s["passages"]]
-        n_cols = max(1, min(len(pids), (width - self.LABEL) // 2))
+        # room for every passage as a number ("0.50"): numbers; else two-character shades
+        cw = 5 if len(pids) * 5 <= width - self.LABEL else 2
+        n_cols = max(1, min(len(pids), (width - self.LABEL) // cw))
         cols = list(range(len(pids) - n_cols, len(pids)))  # the newest passages
         n_rows = len(rows) if room is None else max(1, room - len(summary) - 1)
         shown = rows[-n_rows:] if len(rows) > n_rows else rows
         head = Text(f"{'ver':<{self.LABEL}}", style="dim")
-        for k, j in enumerate(cols):  # a passage id every 5 columns
-            if k % 5 == 0:
+        for k, j in enumerate(cols):
+            if cw == 5:
+                head.append(f"{'#' + str(pids[j]):>4} ")
+            elif k % 5 == 0:  # a passage id every 5 columns
                 label = f"#{pids[j]}"
                 head.append(label[: min(len(label), 2 * (len(cols) - k))])
                 head.append(" " * max(0, min(10, 2 * (len(cols) - k)) - len(label)))
@@ -517,7 +521,10 @@ class ForgettingPanel:
             line = Text(f"{tag:<{self.LABEL}}", style="bold" if a["active"] else "")
             for j in cols:
                 acc = s["accuracy"][i][j]
-                line.append(shade(acc) * 2 if acc is not None else EMPTY_CELL + " ", style=acc_color(acc))
+                if cw == 5:
+                    line.append(f"{'·' if acc is None else f'{acc:.2f}':>4} ", style=acc_color(acc))
+                else:
+                    line.append(shade(acc) * 2 if acc is not None else EMPTY_CELL + " ", style=acc_color(acc))
             yield _fit(line, width)
         if len(cols) < len(pids):
             summary.insert(0, Text(f"(the newest {len(cols)} of {len(pids)} passages)", style="dim"))
@@ -787,7 +794,7 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
                                    f"replayed self-edit example(s) of the learned passages and {s['n_dreams'] or 0} "
                                    f"dream(s), trained from {s['parent_adapter'] or 'base'}, final loss "
                                    f"{num(s['train_loss'], '.3f')}"))
-        parts.append(Text("  " + (s.get("reason") or ""), style="dim"))
+        parts.append(indented(s.get("reason") or "", 2, "dim"))
         t = Table(box=None, pad_edge=False, collapse_padding=True)
         for col in ("measure", "before", "after"):
             t.add_column(col, justify="left" if col == "measure" else "right", no_wrap=True)
@@ -899,7 +906,8 @@ def forgetting_view(s: dict) -> Group:
                       Text(num(p["current"]), style=acc_color(p["current"])),
                       Text(num(p["forgetting"], "+.2f"), style="red" if (p["forgetting"] or 0) > 0 else ""))
     return Group(Text("forgetting matrix: probe accuracy of each learned passage (columns) under each knowledge "
-                      "version (rows); ░▒▓█ low to high, · not measured", style="dim"),
+                      "version (rows; w wake, s sleep, * active, x rolled back); with many passages ░▒▓█ low "
+                      "to high; · not measured", style="dim"),
                  ForgettingPanel(s), Text(""), table)
 
 
