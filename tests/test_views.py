@@ -402,3 +402,17 @@ def test_one_screen_of_a_given_size_and_its_svg(one, seal, tmp_path):
     assert r.exit_code == 0 and "─ forgetting matrix ─" in r.stdout and len(r.stdout.splitlines()) == 30
     r = seal("tui", "--size", "80by24")
     assert r.exit_code == 1 and "expected WIDTHxHEIGHT" in r.output
+
+
+def test_status_panel_of_a_running_daemon(one):
+    home, store = one
+    snap = take_snapshot(home, store)
+    snap.status.update({"running": True, "pid": 4242, "uptime_s": 3725.0, "model": "SmolLM2-135M-Instruct (default)",
+                        "activity": "learning passage 7", "heartbeat_age_s": 4.0,
+                        "next_sleep": {"due": False, "at": 1.7e9 + 3600, "reason": "after 4 commits"}})
+    text, raw = draw(panel("status", snap), 80, color=True)
+    assert "● running  pid 4242  up 1h 2m" in text and "SmolLM2-135M-Instruct (default)" in text
+    assert "doing  learning passage 7 (heartbeat 4s ago)" in text and "(after 4 commits)" in text
+    dash = Dashboard(home)
+    dash.snap = snap
+    assert "● running, up 1h 2m" in screen(dash, 80, 24)[0][0]
