@@ -148,6 +148,8 @@ def run_continual(
         else:
             store.close()
             _open(learner, base_home)
+        for pid in ids:  # split reward/probe roles now (as each wake cycle would), so the base is measured
+            learner.question_set(learner.store.passage(pid))
         base = _measure(learner, ids)  # the no-update reference of every passage
         # conditions are identical until the first sleep: run that prefix once
         shared_steps = min(sleep_every, passages) if any(CONDITIONS[c] for c in conditions) else passages

@@ -1106,7 +1106,7 @@ def _print_continual(result: dict) -> None:
     table = Table(title=f"continual, {result['passages']} passages x {result['sequences']} sequence(s), sleep every "
                         f"{result['sleep_every']} ({result['split']} split, seed {result['seed']})",
                   box=None, pad_edge=False, title_justify="left")
-    for col in ("condition", "at-learning", "final", "retention", "ll-gain ret.", "memorised", "mem. tokens"):
+    for col in ("condition", "at learning", "final", "retained", "ll-gain ret.", "verbatim", "tokens"):
         table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
     for s in result["summary"]:
         table.add_row(s["condition"], _pct(s["at_learning"]) + "%" + _spread(s, "at_learning"),

@@ -407,8 +407,9 @@ def _editor_round(learner, editor_cfg, sleep_id: int | None, progress: Progress 
     except Exception as e:
         log.exception("ReST-EM round failed (the sleep's result stands)")
         reason = f"{type(e).__name__}: {e}"
-        learner.reload_active()
         try:
+            learner.reload_active()
+            learner.load_editor()  # the live editor must equal the store's active version again
             editor = learner.registry.active("editor")
             learner.store.record_editor_round({"sleep_id": sleep_id, "started_at": t, "outcome": "failed",
                                                "reason": reason, "parent_adapter": editor["id"] if editor else None})

@@ -64,6 +64,7 @@ def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file):
     assert [row["kind"] for row in by_cond["sleep"]["rows"]] == ["wake", "wake", "sleep", "wake"]
     for r in result["runs"]:
         ids = [str(p["id"]) for p in r["passages"]]
+        assert list(r["base"]) == ids and all(v["n"] > 0 for v in r["base"].values())  # probes measured before learning
         for row in r["rows"]:
             seen = row["step"] if row["kind"] == "wake" else row["step"]
             assert list(row["scores"]) == ids[:seen]  # only passages seen so far are measured
