@@ -117,7 +117,7 @@ class InboxResult:
 
 
 @dataclass(frozen=True)
-class SleepReport:
+class SleepRun:
     trigger: str
     outcome: str  # the sleep function's own (kept, rolled_back, skipped, abandoned, ...), or stopped | failed
     reason: str  # why it was due
@@ -130,7 +130,7 @@ class SleepReport:
 class StepReport:
     inbox: list[InboxResult]
     cycle: CycleReport | None
-    sleep: SleepReport | None
+    sleep: SleepRun | None
 
     @property
     def idle(self) -> bool:
@@ -141,7 +141,7 @@ class StepReport:
 class BurstReport:
     inbox: list[InboxResult] = field(default_factory=list)
     cycles: list[CycleReport] = field(default_factory=list)
-    sleeps: list[SleepReport] = field(default_factory=list)
+    sleeps: list[SleepRun] = field(default_factory=list)
     stopped: bool = False
 
     def add(self, s: StepReport) -> None:
@@ -152,7 +152,7 @@ class BurstReport:
 
 # -------------------------------------------------------------------- collaborators
 # (learner, *, trigger: str, should_stop: () -> bool, progress: (str) -> None) -> report;
-# the report's ``outcome`` (if it has one) is logged and returned in SleepReport.
+# the report's ``outcome`` (if it has one) is logged and returned in SleepRun.
 SleepFn = Callable[..., object]
 
 
@@ -271,7 +271,7 @@ class Daemon:
             return schedules.Due(False, self._sleep_blocked_until, "retrying after a sleep that did not finish")
         return schedules.due(self.cfg.schedule, store or self.learner.store, now)
 
-    def sleep_if_due(self, now: float | None = None) -> SleepReport | None:
+    def sleep_if_due(self, now: float | None = None) -> SleepRun | None:
         """Sleep if the schedule (asked with the store's truth) says a sleep is due."""
         if self.stopping:
             return None
@@ -281,7 +281,7 @@ class Daemon:
             return None
         return self.sleep(self.cfg.schedule.policy, due.reason, now)
 
-    def sleep(self, trigger: str, reason: str = "", now: float | None = None) -> SleepReport:
+    def sleep(self, trigger: str, reason: str = "", now: float | None = None) -> SleepRun:
         """Run the sleep function now. If it records no sleep in the store (it failed or
         was stopped), the schedule is not asked again for ``sleep_retry_s``."""
         now = self._now(now)
@@ -313,7 +313,7 @@ class Daemon:
             log.warning("the sleep recorded no report (%s): next try in %.0f s", outcome, self.cfg.daemon.sleep_retry_s)
         seconds = time.perf_counter() - t0
         log.info("sleep %s in %.1f s: %s", outcome, seconds, error or getattr(result, "reason", result))
-        return SleepReport(trigger, outcome, reason, result, error, seconds)
+        return SleepRun(trigger, outcome, reason, result, error, seconds)
 
     def _reload(self) -> None:
         """After a sleep that did not finish, the live adapters must equal the store's."""
