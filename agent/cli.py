@@ -1002,9 +1002,13 @@ def bench_show(result_file: str) -> None:
         result = jsonlib.loads(Path(result_file).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         fail(f"{result_file}: cannot read a benchmark result ({e})")
-    if result.get("benchmark") != "squad":
-        fail(f"{result_file}: not a `seal bench squad` result")
-    _print_squad(result)
+    kind = result.get("benchmark") if isinstance(result, dict) else None
+    if kind == "squad":
+        _print_squad(result)
+    elif kind == "continual":
+        _print_continual(result)
+    else:
+        fail(f"{result_file}: not a `seal bench squad` or `seal bench continual` result")
 
 
 def _print_squad(result: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def _run(tokenizer, data_file: Path) -> dict:
     return run_continual(runtime, _cfg(), data_path=data_file, passages=3, sleep_every=2, seed=1, split="all")
 
 
-def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file):
+def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, seal, tmp_path):
     result = _run(tokenizer, data_file)
     by_cond = {r["condition"]: r for r in result["runs"]}
     assert set(by_cond) == {"no-sleep", "sleep", "sleep+dreams"}
@@ -71,7 +72,13 @@ def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file):
         # the conditions share the rows before the first sleep
         assert r["rows"][:2] == by_cond["no-sleep"]["rows"][:2]
     assert {s["condition"] for s in result["summary"]} == set(by_cond)
-    json.dumps(result)  # JSON-able as written
+    saved = tmp_path / "continual.json"
+    saved.write_text(json.dumps(result))  # JSON-able as written, and `seal bench show` prints it
+    r = seal("bench", "show", saved)
+    assert r.exit_code == 0, r.output
+    assert "sleep+dreams: probe accuracy" in r.output
+    assert re.search(r"^1 (Isle of Varn|Brisk Tower|Lake Osk)", r.output, re.M)
+    assert max(len(line) for line in r.output.splitlines()) <= 80
 
 
 def test_same_seed_same_figures(tokenizer, data_file):
