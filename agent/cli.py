@@ -1093,7 +1093,7 @@ def _print_continual(result: dict) -> None:
 
     for r in [r for r in result["runs"] if r["sequence"] == 0]:
         ids = [str(p["id"]) for p in r["passages"]]
-        table = Table(title=f"{r['condition']}: probe accuracy (%) after each update (rows) on each passage (columns)",
+        table = Table(title=f"{r['condition']}: probe accuracy %; rows: after each update; columns: passages",
                       box=None, pad_edge=False, title_justify="left")
         table.add_column("after", no_wrap=True, max_width=24)
         for i in range(len(ids)):

@@ -76,7 +76,7 @@ def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, sea
     saved.write_text(json.dumps(result))  # JSON-able as written, and `seal bench show` prints it
     r = seal("bench", "show", saved)
     assert r.exit_code == 0, r.output
-    assert "sleep+dreams: probe accuracy" in r.output
+    assert "sleep+dreams: probe accuracy %" in r.output
     assert re.search(r"^1 (Isle of Varn|Brisk Tower|Lake Osk)", r.output, re.M)
     assert max(len(line) for line in r.output.splitlines()) <= 80
 
