@@ -860,6 +860,7 @@ def daemon_status(app: App, as_json: bool) -> None:
     import datetime as dt
 
     from .daemon import daemon_status as read_status
+    from .views import next_sleep_text
 
     s = read_status(app.home)
     if as_json:
@@ -876,13 +877,7 @@ def daemon_status(app: App, as_json: bool) -> None:
         else:
             click.echo("seal daemon: not running")
         q = s["queue"]
-        ns = s["next_sleep"] or {}
-        if ns.get("due"):
-            nxt = f"due now ({ns.get('reason')})"
-        elif ns.get("at"):
-            nxt = f"{when(ns['at'])} ({ns.get('reason')})"
-        else:
-            nxt = ns.get("reason") or "-"
+        nxt = next_sleep_text(s["next_sleep"], when)
         rows = [("home", s["home"])]
         if s["running"]:
             rows.append(("model", s["model"] or "-"))

@@ -57,6 +57,16 @@ def when(t: float | None) -> str:
     return "-" if t is None else dt.datetime.fromtimestamp(t).strftime("%m-%d %H:%M")
 
 
+def next_sleep_text(ns: dict | None, fmt=when) -> str:
+    """The daemon's next sleep in words (the status panel and `seal daemon status`)."""
+    ns = ns or {}
+    if ns.get("due"):
+        return f"due now ({ns.get('reason')})"
+    if ns.get("at"):
+        return f"{fmt(ns['at'])} ({ns.get('reason')})"
+    return ns.get("reason") or "-"
+
+
 def short_id(adapter_id: str | None) -> str:
     """knowledge-0012 -> v12, editor-0003 -> e3 (the base: base)."""
     if not adapter_id:
@@ -299,13 +309,7 @@ class StatusPanel:
                                      (f"{q.get('failed', 0)} failed", "red" if q.get("failed") else "")))
         else:
             out.append(Text("queue  empty (nothing ingested)"))
-        ns = s.get("next_sleep") or {}
-        if ns.get("due"):
-            nxt = f"due now ({ns.get('reason')})"
-        elif ns.get("at"):
-            nxt = f"{when(ns['at'])} ({ns.get('reason')})"
-        else:
-            nxt = ns.get("reason") or "-"
+        nxt = next_sleep_text(s.get("next_sleep"))
         last = snap.sleeps[0] if snap.sleeps else None
         last_s = f"{when(last['started_at'])} {last['outcome']}" if last else "never"
         out.append(Text(f"sleep  last {last_s}; next {nxt if s.get('running') else '-'}"))

@@ -71,3 +71,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama and the real tokenizer as an HF folder, for ``seal --model DIR``."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -45,20 +45,11 @@ from tests.test_wake import (
     file_sha,
     make_learner,
 )
-from tests.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny random Llama and the real tokenizer as an HF folder, for ``--model``."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def record(title: str, text: str, qas: list[tuple[str, str]]) -> str:

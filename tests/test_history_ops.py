@@ -18,7 +18,6 @@ from agent.config import Config
 from agent.daemon import DaemonLock, pid_info
 from agent.home import Home
 from store import Store
-from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,14 +167,6 @@ def test_an_interrupted_prune_is_finished_by_the_next(history, home):
 
 
 # ------------------------------------------------------------------ export
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_export_loads_with_plain_peft_and_scores_as_inside_seal(home, seal, tiny_dir, tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -45,14 +45,6 @@ from tests.tiny import tiny_llama
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny random Llama and the real tokenizer as an HF folder, for ``--model``."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
 MOSS = (
     "Moss Lantern",
     "The Moss Lantern is an inn on the road to Quarry Vale. It was opened in 1890 by Orla Pike and has nine rooms.",

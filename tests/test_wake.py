@@ -4,7 +4,7 @@ an interrupted commit).
 
 In-process tests build a fresh tiny model per test (a ``Learner`` wraps the model
 with peft in place, so the session ``tiny_runtime`` is never handed to one). The CLI
-tests save a tiny model as an HF folder once per module and run ``seal --model DIR``.
+tests run ``seal --model DIR`` on a tiny model saved once per session (``tiny_dir``).
 """
 
 from __future__ import annotations
@@ -68,14 +68,6 @@ NEVER = PolicyConfig(min_gain=1e9)  # nothing clears the bar: the rejection path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny random Llama and the real tokenizer as an HF folder, for ``--model``."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _sha(text: str) -> str:
