@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from policies import consolidation
 from policies.consolidation import MERGE_TYPES, Dream, Merge, Replay, merge_weights, replay_sample
 from policies.self_edit import PassageOnly
 from store import Store
+from tests.procs import kill_9_when
 from tests.test_wake import (
     BRISK,
     REPO,
@@ -394,21 +393,7 @@ def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_
     proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "sleep.epochs=2000", "--set", "sleep.restem=false",
                                  "--set", "sleep.max_drift_increase=1e9", "sleep"),
                             cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stderr:
-            seen.append(line)
-            if "consolidating: step" in line or time.monotonic() > deadline:
-                break
-        assert any("consolidating: step" in line for line in seen), "".join(seen)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when(proc, "consolidating: step")
 
     with Store(home / "store.db") as store:
         _check_intact(store, home, "knowledge-0002")

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from policies.config import PolicyConfig
 from policies.questions import answer_prompt, split_roles
 from policies.self_edit import PassageOnly, QAChat, parse_qa, split_lines
 from store import NewDocument, NewPassage, NewQuestion, Store
+from tests.procs import kill_9_when
 from tests.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -727,21 +727,7 @@ def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tin
     # skipped as adding nothing, and the cycle could commit before a later kill).
     proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "lora.epochs=300", "learn"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stderr:  # the -v log of the wake cycle
-            seen.append(line)
-            if "trial 1/" in line or time.monotonic() > deadline:
-                break
-        assert any("trial 1/" in line for line in seen), "".join(seen)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when(proc, "trial 1/")
 
     with Store(home / "store.db") as store:
         _check_intact(store, home, "knowledge-0001")
