@@ -9,7 +9,15 @@ with a fresh LoRA and is measured closed book on the passage's *probe* questions
 - ``best-of-N``: N self-edits of the configured policy plus the passage-only trial,
   selected on the *reward* questions exactly as the wake cycle does (with margins);
   the probe questions never take part in selection;
+- ``restem-<r>``: a LoRA on passage + one self-edit written by the editor after
+  ReST-EM round r (``agent.bench_editor``: trained on tune-split passages, never on
+  an evaluated one);
 - ``open-book``: no update, the passage in the prompt (the ceiling).
+
+Every condition is graded per probe question (SQuAD-normalised containment and token
+F1); rows give both with 95% bootstrap intervals, and the seconds and tokens (trained
++ generated) per passage. Each passage's seeds depend only on (seed, its index), so a
+resumed run (``previous``) reproduces an uninterrupted one.
 
 Passages are split by title into a *tune* split (crc32(title) % 5 == 0) and an *eval*
 split. Benchmarks draw from the eval split by default; anything tuned (prompts,
@@ -26,7 +34,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from adapters import lora
@@ -40,7 +48,7 @@ from store import Store
 
 from .config import Config
 from .runtime import Runtime
-from .wake import KNOWLEDGE, TRIAL, Learner
+from .wake import EDITOR, KNOWLEDGE, TRIAL, Learner
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_dev.json"
 DEFAULT_POLICIES = ("implications", "rewrite", "self_qa", "qa_chat")
@@ -77,25 +85,34 @@ def bootstrap_ci(values: list[float], seed: int = 0, n: int = 2000) -> tuple[flo
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
-@dataclass
-class Row:
-    condition: str
-    correct: list[float]  # per probe question, over all passages
-    f1: list[float]
-    seconds: list[float]  # per passage
-    tokens: list[int]  # per passage (generated + trained)
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
 
-    def summary(self) -> dict:
-        lo, hi = bootstrap_ci(self.correct)
-        return {
-            "condition": self.condition,
-            "accuracy": sum(self.correct) / max(len(self.correct), 1),
-            "ci95": [lo, hi],
-            "f1": sum(self.f1) / max(len(self.f1), 1),
-            "questions": len(self.correct),
-            "seconds_per_passage": statistics.median(self.seconds) if self.seconds else 0.0,
-            "tokens_per_passage": statistics.median(self.tokens) if self.tokens else 0,
-        }
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+def summary(condition: str, records: list[dict]) -> dict:
+    """One row of the table from the per-passage records: accuracy and token F1 over all
+    probe questions with 95% bootstrap intervals; median seconds and tokens per passage."""
+    got = [r["conditions"][condition] for r in records if condition in r["conditions"]]
+    correct = [float(c) for g in got for c in g["correct"]]
+    f1 = [f for g in got for f in g["f1s"]]
+    lo, hi = bootstrap_ci(correct)
+    f_lo, f_hi = bootstrap_ci(f1)
+    return {
+        "condition": condition,
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "ci95": [lo, hi],
+        "f1": sum(f1) / max(len(f1), 1),
+        "f1_ci95": [f_lo, f_hi],
+        "questions": len(correct),
+        "passages": len(got),
+        "seconds_per_passage": statistics.median(g["seconds"] for g in got) if got else 0.0,
+        "tokens_per_passage": statistics.median(g["tokens"] for g in got) if got else 0,
+    }
 
 
 def run_squad(
@@ -108,58 +125,76 @@ def run_squad(
     split: str = "eval",
     policies: tuple[str, ...] = DEFAULT_POLICIES,
     candidates: int | None = None,
+    editors: dict[str, dict] | None = None,
+    editor_info: dict | None = None,
+    previous: dict | None = None,
     say: Callable[[str], None] = lambda _m: None,
     on_passage: Callable[[int, int], None] = lambda _i, _n: None,
     on_result: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run the protocol; returns the JSON-able result (config, versions, rows, per passage)."""
-    import peft
-    import torch
-    import transformers
-
+    """Run the protocol; returns the JSON-able result (config, versions, rows, per
+    passage). ``editors`` (row name -> editor weights, from ``bench_editor``) add one
+    row each: a LoRA on passage + one self-edit written by that editor. ``previous``
+    (an interrupted run's result, same settings) is continued: its passages are kept,
+    not re-run; every passage's seeds depend only on (seed, index), so a resumed run
+    gives the figures of an uninterrupted one."""
     data = draw(load_squad(data_path), passages, seed, split)
+    editors = editors or {}
+    trained_on = set((editor_info or {}).get("passages", []))
+    overlap = trained_on & {d["title"] for d in data}
+    if overlap:
+        raise ValueError(f"the editors were trained on evaluated passages (e.g. {sorted(overlap)[0]!r})")
     n_cand = cfg.wake.candidates if candidates is None else candidates
     pol = cfg.policies
-    tmp = Path(tempfile.mkdtemp(prefix="seal-bench-"))
-    store = Store(tmp / "store.db")  # a fresh home: nothing learned, nothing shared
-    learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
-    zero = lora.snapshot(learner.model, KNOWLEDGE)
-    conds = ["base", "passage", *policies, f"best-of-{n_cand}", "open-book"]
-    rows = {c: Row(c, [], [], [], []) for c in conds}
-    per_passage = []
-    breakdown: list[dict[str, float]] = []
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+    conds = ["base", "passage", *policies, f"best-of-{n_cand}", *editors, "open-book"]
+    setup = {
+        "benchmark": "squad", "data": str(data_path), "split": split, "seed": seed, "planned": len(data),
+        "conditions": conds,
+        "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
+        "editors": editor_info,
+    }
+    setup = json.loads(json.dumps(setup))  # as it reads back from the file
+    per_passage: list[dict] = []
+    if previous:
+        differ = [k for k in setup if previous.get(k) != setup[k]]
+        if differ:
+            raise ValueError(f"cannot resume: the saved run differs in {', '.join(differ)}")
+        per_passage = list(previous.get("per_passage", []))
+    started = time.perf_counter()
 
     def result() -> dict:
         return {
-            "benchmark": "squad",
-            "data": str(data_path),
-            "split": split,
-            "seed": seed,
+            **setup,
             "passages": len(per_passage),
-            "planned": len(data),
-            "rows": [rows[c].summary() for c in conds],
-            "best_of_n_breakdown_median_s": {k: statistics.median(b[k] for b in breakdown) for k in ("generate", "train", "score")} if breakdown else {},
-            "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
-            "versions": versions,
+            "rows": [summary(c, per_passage) for c in conds],
+            "best_of_n_breakdown_median_s": {k: statistics.median(p["best_of_n_s"][k] for p in per_passage)
+                                             for k in ("generate", "train", "score")} if per_passage else {},
+            "versions": versions(),
+            "seconds": (previous or {}).get("seconds", 0.0) + time.perf_counter() - started,
             "per_passage": per_passage,
         }
 
-    for i, d in enumerate(data):
-        record, bo_time = _one_passage(learner, runtime, pol, d, i, seed, policies, n_cand, zero, rows, say, len(data))
-        breakdown.append(bo_time)
-        per_passage.append(record)
-        on_passage(i + 1, len(data))
-        if on_result:
-            on_result(result())  # a partial result survives an interrupted run
-    store.close()
+    if len(per_passage) < len(data):
+        tmp = Path(tempfile.mkdtemp(prefix="seal-bench-"))
+        store = Store(tmp / "store.db")  # a fresh home: nothing learned, nothing shared
+        learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
+        zero = lora.snapshot(learner.model, KNOWLEDGE)
+        try:
+            for i in range(len(per_passage), len(data)):
+                per_passage.append(_one_passage(learner, runtime, pol, data[i], i, seed, policies, n_cand, zero,
+                                                editors, say, len(data)))
+                on_passage(i + 1, len(data))
+                if on_result:
+                    on_result(result())  # a partial result survives an interrupted run
+        finally:
+            store.close()
     return result()
 
 
 def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
-                 n_cand: int, zero: dict, rows: dict[str, Row], say: Callable[[str], None], n_data: int):
-    """All conditions for one passage; adds to ``rows``; returns (record, best-of-N timings)."""
+                 n_cand: int, zero: dict, editors: dict[str, dict], say: Callable[[str], None], n_data: int) -> dict:
+    """All conditions for one passage: its record (per condition: per-question grades,
+    seconds, tokens)."""
     t_passage = time.perf_counter()
     title, text = d["title"], d["context"]
     qs = [{"id": j, "question": q["question"], "answer": q["answer"]} for j, q in enumerate(d["questions"])]
@@ -168,15 +203,12 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     probe_qs = [q for q in qs if roles[q["id"]] == "probe"]
     lora.restore(learner.model, KNOWLEDGE, zero)  # every passage starts from the base model
     say(f"[{i + 1}/{n_data}] {title}: base and open-book")
-    record: dict = {"title": title, "n_reward": len(reward_qs), "n_probe": len(probe_qs), "conditions": {}}
+    record: dict = {"index": i, "title": title, "n_reward": len(reward_qs), "n_probe": len(probe_qs), "conditions": {}}
 
     def add(cond: str, s: Scores, secs: float, toks: int) -> None:
-        rows[cond].correct += [float(c) for c in s.correct]
-        rows[cond].f1 += list(s.f1s)
-        rows[cond].seconds.append(secs)
-        rows[cond].tokens.append(toks)
         record["conditions"][cond] = {"accuracy": s.accuracy, "f1": s.f1, "logprob": s.logprob,
-                                      "answers": list(s.answers)}
+                                      "correct": [int(c) for c in s.correct], "f1s": list(s.f1s),
+                                      "seconds": secs, "tokens": toks, "answers": list(s.answers)}
 
     t0 = time.perf_counter()
     base = learner.score(KNOWLEDGE, title, probe_qs)
@@ -241,11 +273,27 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     choice = selections.get(pol.selection)(bo_trials, pol.min_gain, pol.edit_margin)
     chosen = bo_probe[choice.idx] if choice.idx is not None else base  # nothing committed
     add(f"best-of-{n_cand}", chosen, sum(bo_time.values()), bo_tokens)
+
+    # the editors after ReST-EM rounds: one self-edit each, written by that editor
+    for j, (cond, weights) in enumerate(editors.items()):
+        say(f"[{i + 1}/{n_data}] {title}: {cond}")
+        lora.restore(learner.model, EDITOR, weights)
+        t0 = time.perf_counter()
+        got = learner.sample_self_edits({"title": title, "text": text}, [pol.self_edit],
+                                        seed=seed * 7919 + i, writer=EDITOR)
+        gen_s = time.perf_counter() - t0
+        name, edit, n_tok = got[0] if got else ("passage", "", 0)
+        r, p, tr_s, sc_s, tr_tok = run_trial(name, edit, 100 + j)
+        texts.append({"policy": name, "writer": cond, "text": edit})
+        add(cond, p if p is not None else base, gen_s + tr_s + sc_s, n_tok + tr_tok)
+    lora.restore(learner.model, EDITOR, zero)
+
     record.update({
         "choice": None if choice.idx is None else bo_trials[[t.idx for t in bo_trials].index(choice.idx)].policy,
         "reason": choice.reason,
         "trials": [asdict(t) for t in bo_trials],
+        "best_of_n_s": bo_time,
         "self_edits": texts,
         "seconds": time.perf_counter() - t_passage,
     })
-    return record, bo_time
+    return record

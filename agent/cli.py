@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import sys
 import warnings
@@ -953,16 +954,24 @@ def bench() -> None:
 @click.option("--policies", "policy_names", default=",".join(("implications", "rewrite", "self_qa", "qa_chat")),
               show_default=True, help="self-edit policies to measure (one sample each)")
 @click.option("--candidates", type=click.IntRange(min=1), help="N of best-of-N (default: wake.candidates)")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=0),
+              help="ReST-EM rounds of the editor (rows restem-1..R); 0: none")
+@click.option("--editor-passages", default=8, show_default=True, type=click.IntRange(min=1),
+              help="tune-split passages the editor is trained on (never an evaluated one)")
+@click.option("--editors", "editors_dir", type=click.Path(file_okay=False),
+              help="editors from `seal bench editor` (default: <out>.editors, trained first if missing)")
+@click.option("--resume", is_flag=True, help="continue the interrupted run saved at --out")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/squad-<seed>-<n>.json)")
 @pass_app
 def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split: str, policy_names: str,
-                candidates: int | None, out_path: str | None) -> None:
+                candidates: int | None, rounds: int, editor_passages: int, editors_dir: str | None, resume: bool,
+                out_path: str | None) -> None:
     """SEAL's single-passage protocol: closed-book probe accuracy after each kind of update."""
     import json as jsonlib
 
     from policies import self_edit as self_edits
 
-    from .bench import DEFAULT_DATA, run_squad
+    from .bench import DEFAULT_DATA, draw, load_squad, run_squad
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -972,6 +981,16 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
     if unknown:
         fail(f"unknown self-edit policy {unknown[0]!r} (known: {', '.join(self_edits.SELF_EDIT_POLICIES)})")
     target = Path(out_path) if out_path else Path("bench-out") / f"squad-{seed}-{passages}.json"
+    previous = None
+    if resume:
+        try:
+            previous = jsonlib.loads(target.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            fail(f"--resume: cannot read {target} ({e})")
+    try:
+        data = load_squad(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{path}: not a SEAL/SQuAD-format file ({e})")
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict) -> None:
@@ -979,12 +998,126 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
         tmp.write_text(jsonlib.dumps(result, indent=1), encoding="utf-8")
         tmp.replace(target)
 
+    editors, editor_info = None, None
+    if rounds:
+        editors, editor_info = _editors(app, path, Path(editors_dir) if editors_dir else target.with_suffix(".editors"),
+                                        editor_passages, seed, rounds, {d["title"] for d in draw(data, passages, seed, split)})
     with _progress(passages) as (say, tick):
-        result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
-                           policies=names, candidates=candidates, say=say, on_passage=tick, on_result=save)
+        try:
+            result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
+                               policies=names, candidates=candidates, editors=editors, editor_info=editor_info,
+                               previous=previous, say=say, on_passage=tick, on_result=save)
+        except ValueError as e:
+            fail(str(e))
     save(result)
     _print_squad(result)
     click.echo(f"wrote {target}")
+
+
+def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
+             exclude: set[str]) -> tuple[dict, dict]:
+    """Train (or, when done before, read back) the ReST-EM editors of ``bench squad``."""
+    from .bench_editor import RESULT, load_editors, train_editors
+
+    saved = out_dir / RESULT
+    if saved.is_file():  # trained before (e.g. by `seal bench editor`, with its own settings): read back
+        result = json.loads(saved.read_text(encoding="utf-8"))
+        if len(result.get("rounds", [])) >= rounds:
+            _print_editor(result)
+            info = {"dir": str(out_dir), "passages": result["passages"], "rounds": rounds, "names": result["names"],
+                    "pairs": [r["n_pairs"] for r in result["rounds"][:rounds]],
+                    "outcomes": [r["outcome"] for r in result["rounds"][:rounds]]}
+            try:
+                return load_editors(out_dir, rounds), info
+            except ValueError as e:
+                fail(str(e))
+    with _progress(passages * rounds) as (say, tick):
+        done = [0]
+
+        def step(_i: int, _n: int) -> None:
+            done[0] += 1
+            tick(done[0], passages * rounds)
+
+        try:
+            result = train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
+                                   out_dir=out_dir, exclude_titles=exclude, say=say, on_passage=step)
+        except ValueError as e:
+            fail(str(e))
+    _print_editor(result)
+    info = {"dir": str(out_dir), "passages": result["passages"], "rounds": rounds, "names": result["names"],
+            "pairs": [r["n_pairs"] for r in result["rounds"]], "outcomes": [r["outcome"] for r in result["rounds"]]}
+    return load_editors(out_dir, rounds), info
+
+
+@bench.command("editor")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--passages", default=8, show_default=True, type=click.IntRange(min=1), help="tune-split passages trained on")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="ReST-EM rounds")
+@click.option("--seed", default=0, show_default=True, help="draws passages, seeds sampling and training")
+@click.option("--policies", "policy_names", help="self-edits sampled per passage, by policy, comma-separated, "
+              "repeats allowed (default: policies.self_edit x wake.candidates)")
+@click.option("--exclude-eval", type=click.IntRange(min=0), default=20, show_default=True,
+              help="leave out the titles a `bench squad --passages N` with this seed evaluates")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="directory for the editors and editor.json (resumed if it exists)")
+@pass_app
+def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, seed: int, policy_names: str | None,
+                 exclude_eval: int, out_dir: str) -> None:
+    """ReST-EM on the editor (tune split), and the selection rules replayed on round 1's trials."""
+    from policies import self_edit as self_edits
+
+    from .bench import DEFAULT_DATA, draw, load_squad
+    from .bench_editor import train_editors
+
+    path = Path(data_path) if data_path else DEFAULT_DATA
+    if not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    names = None
+    if policy_names:
+        names = tuple(n.strip() for n in policy_names.split(",") if n.strip())
+        bad = [n for n in names if n not in self_edits.SELF_EDIT_POLICIES or self_edits.get(n).prompt("t", "x") is None]
+        if bad or not names:
+            fail(f"--policies: {bad[0] if bad else policy_names!r} is not a self-edit policy that writes text")
+    exclude = {d["title"] for d in draw(load_squad(path), exclude_eval, seed, "eval")} if exclude_eval else set()
+    with _progress(passages * rounds) as (say, tick):
+        done = [0]
+
+        def step(_i: int, _n: int) -> None:
+            done[0] += 1
+            tick(done[0], passages * rounds)
+
+        try:
+            result = train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
+                                   out_dir=Path(out_dir), names=names, exclude_titles=exclude, say=say, on_passage=step)
+        except ValueError as e:
+            fail(str(e))
+    _print_editor(result, study=True, policies=app.cfg.policies)
+    click.echo(f"wrote {Path(out_dir) / 'editor.json'}")
+
+
+def _print_editor(result: dict, study: bool = False, policies=None) -> None:
+    from rich.table import Table
+
+    from .bench_editor import selection_study, study_rules
+
+    table = Table(title=f"ReST-EM on the editor, {len(result['passages'])} tune passages (seed {result['seed']})",
+                  box=None, pad_edge=False, title_justify="left")
+    for col in ("round", "pairs", "new", "SFT loss", "minutes", "outcome"):
+        table.add_column(col, justify="left" if col == "outcome" else "right", no_wrap=col != "outcome")
+    for r in result["rounds"]:
+        table.add_row(str(r["round"]), str(r["n_pairs"]), str(r["new_pairs"]),
+                      "-" if r["sft_loss"] is None else f"{r['sft_loss']:.3f}", f"{r['seconds'] / 60:.1f}", r["outcome"])
+    print_table(table)
+    if not study or not result["rounds"]:
+        return
+    rows = selection_study(result, policies.reward_fraction, study_rules(policies), seed=result["seed"])
+    table = Table(title="Selection replayed on round 1 (probe accuracy on the tune passages)", box=None,
+                  pad_edge=False, title_justify="left")
+    table.add_column("rule", no_wrap=False)
+    table.add_column("accuracy", justify="right", no_wrap=True)
+    table.add_column("questions", justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["rule"], f"{100 * r['accuracy']:.1f}%", str(r["questions"]))
+    print_table(table)
 
 
 @bench.command("show")
@@ -1000,6 +1133,10 @@ def bench_show(result_file: str) -> None:
     kind = result.get("benchmark") if isinstance(result, dict) else None
     if kind == "squad":
         _print_squad(result)
+    elif kind == "editor":
+        from policies.config import PolicyConfig
+
+        _print_editor(result, study=True, policies=PolicyConfig(**result["policies"]))
     elif kind == "continual":
         _print_continual(result)
     else:
@@ -1010,18 +1147,23 @@ def _print_squad(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"SQuAD single-passage, {result['passages']} passages ({result['split']} split, seed {result['seed']}), "
-                        f"closed-book accuracy on probe questions", box=None, pad_edge=False, title_justify="left")
-    for col in ("condition", "accuracy", "95% CI", "F1", "questions", "s/passage"):
+                        f"closed-book, probe questions", box=None, pad_edge=False, title_justify="left")
+    for col in ("condition", "acc %", "95% CI", "F1", "95% CI", "q", "tokens", "s/psg"):
         table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
     for r in result["rows"]:
         lo, hi = r["ci95"]
-        table.add_row(r["condition"], f"{100 * r['accuracy']:.1f}%", f"{100 * lo:.0f}-{100 * hi:.0f}",
-                      f"{100 * r['f1']:.1f}", str(r["questions"]), f"{r['seconds_per_passage']:.1f}")
+        f_lo, f_hi = r.get("f1_ci95", [math.nan, math.nan])
+        table.add_row(r["condition"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.0f}-{100 * hi:.0f}",
+                      f"{100 * r['f1']:.1f}", f"{100 * f_lo:.0f}-{100 * f_hi:.0f}", str(r["questions"]),
+                      f"{r['tokens_per_passage']:.0f}", f"{r['seconds_per_passage']:.1f}")
     print_table(table)
     b = result.get("best_of_n_breakdown_median_s") or {}
     if b:
         click.echo("best-of-N per passage (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())
                    + f"; total {sum(b.values()):.1f}")
+    e = result.get("editors")
+    if e:
+        click.echo(f"editors: ReST-EM on {len(e['passages'])} tune passages, pairs per round {e['pairs']}")
 
 
 @bench.command("continual")

@@ -96,9 +96,17 @@ class Learner:
         self.lora_cfg, self.policies, self.cfg = lora_cfg, policies, wake
         self.worker = worker_id()
         base = runtime.model
-        self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL, EDITOR))
-        runtime.model = self.model
-        self._zero = lora.snapshot(self.model, KNOWLEDGE)  # a fresh LoRA is the base model
+        if getattr(base, "seal_zero", None) is None:  # else a Learner was made on this runtime before: reuse
+            self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL, EDITOR))
+            self.model.seal_zero = lora.snapshot(self.model, KNOWLEDGE)  # a fresh LoRA is the base model
+            runtime.model = self.model
+        self.model = runtime.model
+        have = self.model.peft_config[KNOWLEDGE]
+        if (have.r, have.lora_alpha, set(have.target_modules)) != (lora_cfg.rank, lora_cfg.alpha, set(lora_cfg.targets)):
+            raise ValueError("this runtime's model carries LoRA adapters of another shape: load a fresh runtime")
+        self._zero = self.model.seal_zero
+        for name in (KNOWLEDGE, TRIAL):
+            lora.restore(self.model, name, self._zero)
         active = registry.active(KNOWLEDGE)
         if active:
             registry.load_into(self.model, KNOWLEDGE, active["id"])
@@ -138,6 +146,7 @@ class Learner:
             answers=tuple(g.text for g in gens),
             correct=correct,
             f1s=tuple(f1s),
+            logprobs=tuple(ll.mean for ll in lls),
         )
 
     # ------------------------------------------------------------- the steps

@@ -15,7 +15,7 @@ class PolicyConfig:
     self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | implications | rewrite | self_qa | qa_chat"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
     reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy"})
-    selection: str = field(default="best_of_n", metadata={"help": "selection policy: best_of_n"})
+    selection: str = field(default="best_of_n", metadata={"help": "selection policy: best_of_n | floor | prefer_edit"})
     min_gain: float = field(default=0.0, metadata={"help": "a committed update must beat the no-update baseline by more than this"})
     edit_margin: float = field(default=0.05, metadata={"help": "a self-edit must beat the passage-only trial by more than this to be preferred"})
     include_passage: bool = field(default=True, metadata={"help": "also train a passage-only trial and let it compete"})

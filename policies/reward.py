@@ -55,6 +55,7 @@ class Scores:
     answers: tuple[str, ...] = ()
     correct: tuple[bool, ...] = ()
     f1s: tuple[float, ...] = ()
+    logprobs: tuple[float, ...] = ()  # per question: the answer's mean per-token log-likelihood
 
 
 def answer_logprob(trial: Scores, baseline: Scores) -> float:
