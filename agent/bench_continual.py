@@ -28,6 +28,7 @@ import hashlib
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -207,7 +208,8 @@ def _step(learner: Learner, ids: list[int], i: int, say: Callable[[str], None], 
 
 def summarise(runs: list[dict], conditions: tuple[str, ...]) -> list[dict]:
     """Per condition (averaged over sequences): at-learning and final mean accuracy over
-    the seen passages, retention, log-likelihood-gain retention, memorisation."""
+    the seen passages, retention, log-likelihood-gain retention, memorisation; each
+    with its range (``_spread``) and standard deviation (``_sd``) over sequences."""
     out = []
     for cond in conditions:
         rs = [r for r in runs if r["condition"] == cond]
@@ -240,6 +242,8 @@ def summarise(runs: list[dict], conditions: tuple[str, ...]) -> list[dict]:
             vals = [p[key] for p in per]
             agg[key] = _mean(vals)
             agg[key + "_spread"] = (max(vals) - min(vals)) if len(vals) > 1 else 0.0
+            finite = [v for v in vals if v == v]
+            agg[key + "_sd"] = statistics.stdev(finite) if len(finite) > 1 else 0.0  # over sequences
         agg["per_sequence"] = per
         out.append(agg)
     return out

@@ -1221,8 +1221,11 @@ def _pct(x: float) -> str:
 
 
 def _spread(s: dict, key: str) -> str:
-    """Half the range over sequences, when there are several."""
-    return f" ±{100 * s[key + '_spread'] / 2:.0f}" if s["sequences"] > 1 else ""
+    """The standard deviation over sequences, when there are several."""
+    if s["sequences"] < 2:
+        return ""
+    sd = s.get(key + "_sd", s[key + "_spread"] / 2)  # results written before the sd was recorded
+    return f" ±{100 * sd:.0f}"
 
 
 def _print_continual(result: dict) -> None:
@@ -1244,8 +1247,9 @@ def _print_continual(result: dict) -> None:
         print_table(table)
         click.echo(f"memorisation at the end: {_pct(r['memorisation']['exact'])}% exact, "
                    f"{_pct(r['memorisation']['token_match'])}% of tokens ({r['memorisation']['n']} passages)\n")
+    sd = " (mean ±sd over sequences)" if result["sequences"] > 1 else ""
     table = Table(title=f"continual, {result['passages']} passages x {result['sequences']} sequence(s), sleep every "
-                        f"{result['sleep_every']} ({result['split']} split, seed {result['seed']})",
+                        f"{result['sleep_every']} ({result['split']} split, seed {result['seed']}){sd}",
                   box=None, pad_edge=False, title_justify="left")
     for col in ("condition", "at learning", "final", "retained", "ll-gain ret.", "verbatim", "tokens"):
         table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)

@@ -112,3 +112,18 @@ def test_summary_arithmetic():
 def test_bench_continual_rejects_an_unknown_condition(seal, data_file):
     r = seal("bench", "continual", "--data", data_file, "--conditions", "sleep,naps")
     assert r.exit_code == 1 and "unknown condition 'naps'" in r.output
+
+
+def test_several_sequences_give_mean_and_standard_deviation():
+    def run(acc_first: float, acc_final: float) -> dict:
+        s = {"accuracy": acc_first, "logprob": -1.0}
+        return {"condition": "sleep", "passages": [{"id": 1}],
+                "rows": [{"kind": "wake", "step": 1, "scores": {"1": s}},
+                         {"kind": "sleep", "step": 1, "scores": {"1": {"accuracy": acc_final, "logprob": -1.0}}}],
+                "base": {"1": {"logprob": -2.0}}, "memorisation": {"exact": 0.0, "token_match": 0.5}}
+
+    (s,) = summarise([run(0.2, 0.4), run(0.4, 0.2)], ("sleep",))
+    assert s["sequences"] == 2 and s["at_learning"] == pytest.approx(0.3) and s["final"] == pytest.approx(0.3)
+    assert s["at_learning_sd"] == pytest.approx(0.1414, abs=1e-3) and s["at_learning_spread"] == pytest.approx(0.2)
+    (one,) = summarise([run(0.2, 0.4)], ("sleep",))
+    assert one["at_learning_sd"] == 0.0
