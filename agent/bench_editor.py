@@ -228,48 +228,51 @@ def _write(path: Path, result: dict) -> None:
 
 # ------------------------------------------------------------- selection study
 def selection_study(result: dict, fraction: float, rules: dict[str, tuple[str, str, float, float]],
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, splits: int = 1) -> list[dict]:
     """Replay selection rules on round 1's trials: each passage's questions are split
     into reward and probe questions as the wake cycle splits them; a rule picks among
     passage-only and the self-edits on the reward questions; its row is the probe
     accuracy of what it picked (the base model's when it commits nothing). Rows also
-    give passage-only, each policy's single sample, and the oracle (best on probes)."""
+    give passage-only, each policy's single sample, and the oracle (best on probes).
+    With ``splits`` > 1 the replay is repeated over that many random splits and
+    averaged (the trials are the same; only which questions select changes)."""
     rec_list = result["rounds"][0]["per_passage"] if result.get("rounds") else []
     tallies: dict[str, list[float]] = {}
 
     def add(name: str, correct: list[float]) -> None:
         tallies.setdefault(name, []).extend(correct)
 
-    for i, rec in enumerate(rec_list):
-        n = rec["n_questions"]
-        roles = split_roles(list(range(n)), fraction, seed=seed * 100003 + i)
-        rq = [q for q in range(n) if roles[q] == "reward"]
-        pq = [q for q in range(n) if roles[q] == "probe"]
-        cands = [c for c in rec["candidates"] if not c.get("nan")]
-        probe = {"base": [rec["baseline"]["correct"][q] for q in pq],
-                 "passage": [rec["passage"]["correct"][q] for q in pq]}
-        add("base", probe["base"])
-        add("passage", probe["passage"])
-        seen: set[str] = set()
-        for c in cands:
-            if c["policy"] not in seen:
-                seen.add(c["policy"])
-                add(f"{c['policy']} (one sample)", [c["correct"][q] for q in pq])
-        if cands:
-            add("oracle (best on probes)", max(([c["correct"][q] for q in pq] for c in [rec["passage"], *cands]), key=sum))
-        base_r = _subset(rec["baseline"], rq)
-        for rule, (selection, reward, min_gain, margin) in rules.items():
-            trials, probes = [], {}
-            for idx, (name, c) in enumerate([("passage", rec["passage"])] + [(c["policy"], c) for c in cands]):
-                s = _subset(c, rq)
-                fn = rewards.REWARDS[reward]
-                other = rewards.qa_accuracy if reward == "answer_logprob" else rewards.answer_logprob
-                trials.append(selections.Trial(idx, name, fn(s, base_r), other(s, base_r)))
-                probes[idx] = [c["correct"][q] for q in pq]
-            choice = selections.get(selection)(trials, min_gain, margin)
-            add(rule, probes[choice.idx] if choice.idx is not None else probe["base"])
-    return [{"rule": k, "accuracy": sum(v) / len(v) if v else math.nan, "questions": len(v)} for k, v in tallies.items()]
-
+    for split in range(splits):
+        for i, rec in enumerate(rec_list):
+            n = rec["n_questions"]
+            roles = split_roles(list(range(n)), fraction, seed=(seed + split) * 100003 + i)
+            rq = [q for q in range(n) if roles[q] == "reward"]
+            pq = [q for q in range(n) if roles[q] == "probe"]
+            cands = [c for c in rec["candidates"] if not c.get("nan")]
+            probe = {"base": [rec["baseline"]["correct"][q] for q in pq],
+                     "passage": [rec["passage"]["correct"][q] for q in pq]}
+            add("base", probe["base"])
+            add("passage", probe["passage"])
+            seen: set[str] = set()
+            for c in cands:
+                if c["policy"] not in seen:
+                    seen.add(c["policy"])
+                    add(f"{c['policy']} (one sample)", [c["correct"][q] for q in pq])
+            if cands:
+                add("oracle (best on probes)", max(([c["correct"][q] for q in pq] for c in [rec["passage"], *cands]), key=sum))
+            base_r = _subset(rec["baseline"], rq)
+            for rule, (selection, reward, min_gain, margin) in rules.items():
+                trials, probes = [], {}
+                for idx, (name, c) in enumerate([("passage", rec["passage"])] + [(c["policy"], c) for c in cands]):
+                    s = _subset(c, rq)
+                    fn = rewards.REWARDS[reward]
+                    other = rewards.qa_accuracy if reward == "answer_logprob" else rewards.answer_logprob
+                    trials.append(selections.Trial(idx, name, fn(s, base_r), other(s, base_r)))
+                    probes[idx] = [c["correct"][q] for q in pq]
+                choice = selections.get(selection)(trials, min_gain, margin)
+                add(rule, probes[choice.idx] if choice.idx is not None else probe["base"])
+    return [{"rule": k, "accuracy": sum(v) / len(v) if v else math.nan, "questions": len(v) // splits}
+            for k, v in tallies.items()]
 
 
 def study_rules(pol) -> dict[str, tuple[str, str, float, float]]:

@@ -1109,8 +1109,9 @@ def _print_editor(result: dict, study: bool = False, policies=None) -> None:
     print_table(table)
     if not study or not result["rounds"]:
         return
-    rows = selection_study(result, policies.reward_fraction, study_rules(policies), seed=result["seed"])
-    table = Table(title="Selection replayed on round 1 (probe accuracy on the tune passages)", box=None,
+    rows = selection_study(result, policies.reward_fraction, study_rules(policies), seed=result["seed"], splits=20)
+    table = Table(title="Selection replayed on round 1: probe accuracy on the tune passages, mean of 20 "
+                        "reward/probe splits", box=None,
                   pad_edge=False, title_justify="left")
     table.add_column("rule", no_wrap=False)
     table.add_column("accuracy", justify="right", no_wrap=True)
