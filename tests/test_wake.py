@@ -63,7 +63,7 @@ FAST_FLAGS = [
     "--set", "wake.answer_tokens=8", "--set", "wake.candidates=2",
 ]
 ALWAYS = PolicyConfig(min_gain=-1e9)  # commit whatever wins: the commit path, every time
-NEVER = PolicyConfig(min_gain=1e9)  # nothing clears the bar: the rejection path
+NEVER = PolicyConfig(selection="best_of_n", min_gain=1e9)  # nothing clears the bar: the rejection path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
