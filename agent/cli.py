@@ -1140,6 +1140,8 @@ def bench_show(result_file: str) -> None:
         _print_editor(result, study=True, policies=PolicyConfig(**result["policies"]))
     elif kind == "continual":
         _print_continual(result)
+    elif kind == "speed":
+        _print_speed(result)
     else:
         fail(f"{result_file}: not a `seal bench squad` or `seal bench continual` result")
 
@@ -1260,6 +1262,59 @@ def _print_continual(result: dict) -> None:
                       _pct(s["logprob_retention"]) + "%", _pct(s["memorisation_exact"]) + "%",
                       _pct(s["memorisation_token_match"]) + "%")
     print_table(table)
+
+
+@bench.command("speed")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--seed", default=0, show_default=True, help="draws the passage, seeds sampling and training")
+@click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="tune", show_default=True,
+              help="the split the passage is drawn from")
+@click.option("--candidates", type=int, help="self-edits N (default: wake.candidates)")
+@click.option("--epochs", type=int, help="epochs of every trial, in both runs (default: lora.epochs)")
+@click.option("--pad-to", "pad_to", default=2048, show_default=True, type=int,
+              help="the reference pads every training example to this many tokens (SEAL: 2048)")
+@click.option("--matmul-size", "matmul_n", default=2048, show_default=True, type=int,
+              help="side of the square fp32 matmul that measures the machine's FLOP/s")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/speed-<model>-<seed>.json)")
+@pass_app
+def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidates: int | None, epochs: int | None,
+                pad_to: int, matmul_n: int, out_path: str | None) -> None:
+    """One wake cycle step by step (time, tokens, FLOP/s against the machine's measured
+    matmul FLOP/s, peak memory), beside the same cycle with SEAL's reference settings."""
+    from .bench import DEFAULT_DATA
+    from .bench_speed import SpeedError, dumps, run_speed
+
+    for name, value, least in (("--candidates", candidates, 1), ("--epochs", epochs, 1), ("--pad-to", pad_to, 2),
+                               ("--matmul-size", matmul_n, 16)):
+        if value is not None and value < least:
+            fail(f"{name} must be at least {least}, got {value}")
+    path = Path(data_path) if data_path else DEFAULT_DATA
+    if not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    with _progress(2) as (say, tick):
+        try:  # two runs: optimised, then reference
+            result = run_speed(app.runtime, app.cfg, data_path=path, seed=seed, split=split, candidates=candidates,
+                               epochs=epochs, pad_to=pad_to, matmul_n=matmul_n, say=say,
+                               on_mode=lambda m: tick(1, 2) if m == "reference" else None)
+        except SpeedError as e:
+            fail(str(e))
+    target = Path(out_path) if out_path else Path("bench-out") / f"speed-{app.runtime.name}-{seed}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(dumps(result), encoding="utf-8")
+    _print_speed(result)
+    click.echo(f"wrote {target}")
+
+
+def _print_speed(result: dict) -> None:
+    import textwrap
+
+    from .bench_speed import render
+
+    for piece in render(result):
+        if isinstance(piece, str):
+            click.echo(textwrap.fill(piece, 80, subsequent_indent="  ", break_on_hyphens=False))
+        else:
+            print_table(piece)
 
 
 @bench.command("views")

@@ -1,0 +1,741 @@
+"""Benchmark ``speed``: where one wake cycle spends its time, beside SEAL's reference settings.
+
+One process runs the same wake cycle (``wake_cycle``, unchanged) twice on one passage,
+each time in a fresh temporary home holding only that passage and its questions:
+
+- **optimised**: seal's own path (batched generation and scoring, dynamic padding
+  with the padding masked, the LM head only where there is loss, fused AdamW, one
+  resident model with named adapters);
+- **reference**: the settings of SEAL's inner loop (``TTT_server.py`` of the SEAL
+  code): every training example padded to ``pad_to`` tokens with ``labels =
+  input_ids``, so the padding is *not* masked out of the loss; batch 1; a fresh
+  ``transformers.Trainer`` per trial (lr 1e-3); closed-book answers generated and
+  graded one question at a time, and their log-likelihoods one at a time.
+
+Both runs share the seed, so their self-edits are the same text; self-edit
+generation, question building, commit and tracking are the same (batched) code in
+both, which keeps the comparison conservative. Both runs train every trial for the
+same number of epochs, and both commit their best trial (``min_gain`` is lowered for
+the bench), so that every step runs in both.
+
+Measured, in the same process: the machine's fp32 matrix-multiply FLOP/s (square
+``torch.mm``, the benchmark's thread count), before and after the cycles; per step of
+each cycle the wall time, the tokens (generated + trained + scored), the FLOPs of
+every matrix multiply the model executed (``FlopMeter``: each ``F.linear`` and each
+attention call, and the backward matmuls autograd runs for them; a frozen weight
+gets no weight-gradient matmul, so none is counted), and the peak resident memory.
+The meter is checked against ``torch.utils.flop_counter.FlopCounterMode`` on a short
+real training step of each kind before the timed runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adapters import lora
+from adapters.registry import AdapterRegistry
+from policies.reward import Scores
+from store import Store
+
+from .bench import draw, load_squad
+from .bench_continual import _ingest
+from .config import Config
+from .runtime import Runtime
+from .wake import KNOWLEDGE, TRIAL, Learner, wake_cycle
+
+SEAL_LR = 1e-3  # SEAL's inner-loop learning rate (finetune_lr)
+MODES = ("optimised", "reference")
+FORCE_COMMIT = -1e9  # min_gain for the bench: both runs commit, so every step runs in both
+
+
+class SpeedError(ValueError):
+    """The benchmark cannot run as asked (e.g. no passage to draw): one line."""
+
+
+# ------------------------------------------------------------------ the machine
+def matmul_flops(n: int = 2048, reps: int = 10, warmup: int = 2) -> dict:
+    """FLOP/s of an fp32 ``n`` x ``n`` matrix multiply on the model's device, with
+    torch's current thread count: the best and the median of ``reps`` timed runs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+    c = torch.empty(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        torch.mm(a, b, out=c)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        sync()
+        times.append(time.perf_counter() - t0)
+    flop = 2 * n**3
+    return {"n": n, "reps": reps, "threads": torch.get_num_threads(), "device": device.type,
+            "best": flop / min(times), "median": flop / statistics.median(times)}
+
+
+# ------------------------------------------------------------------ counting FLOPs
+def attention_pairs(q_len: int, k_len: int, causal: bool) -> int:
+    """(query, key) pairs an attention call computes: all of them, or with a causal
+    mask and no explicit one (torch's top-left alignment) only the lower triangle,
+    which the kernel skips to (a slight undercount: it also computes the masked part
+    of the blocks on the diagonal)."""
+    if not causal:
+        return q_len * k_len
+    if q_len <= k_len:
+        return q_len * (q_len + 1) // 2
+    return k_len * (k_len + 1) // 2 + (q_len - k_len) * k_len
+
+
+def attention_flops(q_shape, k_shape, v_shape, causal: bool = False) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one scaled-dot-product attention call, as torch's
+    flop counter formulas count them (the backward recomputes the scores: 5 matmuls)."""
+    *lead, q_len, d = q_shape
+    k_len, dv = k_shape[-2], v_shape[-1]
+    heads = math.prod(lead)  # batch x query heads (grouped KV heads are broadcast)
+    pairs = attention_pairs(q_len, k_len, causal)
+    return 2 * heads * pairs * (d + dv), 2 * heads * pairs * (3 * d + 2 * dv)
+
+
+class FlopMeter:
+    """Counts, live, the FLOPs of every matrix multiply a model executes inside the
+    ``with`` block: each ``F.linear`` call (2·rows·in·out; what ``nn.Linear`` and
+    peft's LoRA layers run) and each ``F.scaled_dot_product_attention`` call; when a
+    call builds an autograd graph, also the backward matmuls autograd will run for it
+    (one per input that requires a gradient: a frozen weight gets no weight-gradient
+    matmul). It assumes a backward follows every forward made with gradients on, as
+    it does in training. Elementwise work (norms, activations, softmax) is not
+    counted, as torch's flop counter does not count it."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+        self._saved: tuple | None = None
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    def __enter__(self) -> FlopMeter:
+        if self._saved is not None:
+            raise RuntimeError("FlopMeter is already counting")
+        linear, sdpa = self._saved = (F.linear, F.scaled_dot_product_attention)
+
+        def counted_linear(input, weight, *args, **kwargs):
+            f = 2 * (input.numel() // max(input.shape[-1], 1)) * weight.shape[0] * weight.shape[1]
+            self.forward += f
+            if torch.is_grad_enabled():
+                self.backward += f * (int(input.requires_grad) + int(weight.requires_grad))
+            return linear(input, weight, *args, **kwargs)
+
+        def counted_sdpa(query, key, value, *args, **kwargs):
+            mask = kwargs.get("attn_mask", args[0] if args else None)
+            causal = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False)) and mask is None
+            fwd, bwd = attention_flops(query.shape, key.shape, value.shape, causal)
+            self.forward += fwd
+            if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+                self.backward += bwd
+            return sdpa(query, key, value, *args, **kwargs)
+
+        F.linear, F.scaled_dot_product_attention = counted_linear, counted_sdpa
+        return self
+
+    def __exit__(self, *exc) -> None:
+        F.linear, F.scaled_dot_product_attention = self._saved
+        self._saved = None
+
+
+def flop_counter_mode():
+    """torch's ``FlopCounterMode``, taught the CPU flash-attention kernel (which it
+    does not count by itself) with the same formulas as ``FlopMeter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+
+    def fwd(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, attn_mask=None, **kwargs):
+        return attention_flops(query, key, value, bool(is_causal) and attn_mask is None)[0]
+
+    def bwd(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
+            out_shape=None, attn_mask=None, **kwargs):
+        return attention_flops(query, key, value, bool(is_causal) and attn_mask is None)[1]
+
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+# ------------------------------------------------------------------ memory
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux), so a step's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), else the process's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+# ------------------------------------------------------------------ the reference
+def reference_train(peft_model, tokenizer, examples: list[lora.Example], *, adapter: str, epochs: int,
+                    pad_to: int = 2048, lr: float = SEAL_LR, seed: int = 0,
+                    beat: Callable[[], None] | None = None,
+                    on_trainer: Callable[[object], None] | None = None) -> lora.TrainResult:
+    """Train ``adapter`` the way SEAL's inner loop does: each example tokenised (the
+    same token ids as ``lora.train`` uses), cut and padded to ``pad_to`` tokens with
+    ``labels = input_ids`` (the padding is attended to by no one but carries loss), one
+    example per step, by a fresh ``transformers.Trainer`` (TrainingArguments as
+    SEAL's: lr, batch 1, ``epochs``, no saving, no reporting; default optimiser and
+    schedule). ``on_trainer`` sees the Trainer before it trains (tests)."""
+    from transformers import (
+        DataCollatorWithPadding,
+        PrinterCallback,
+        ProgressCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    t0 = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = []
+    for ids, _start in lora._encode(tokenizer, examples, pad_to):  # noqa: SLF001 - the same ids as lora.train
+        fill = [pad] * (pad_to - len(ids))
+        data.append({"input_ids": ids + fill, "attention_mask": [1] * len(ids) + [0] * len(fill),
+                     "labels": ids + fill})  # SEAL: labels = input_ids, padding included
+    real_tokens = sum(sum(d["attention_mask"]) for d in data)
+
+    trainable = lora._lora_params(peft_model, adapter)  # noqa: SLF001
+    wanted = {id(p) for p in trainable.values()}
+    peft_model.set_adapter(adapter, inference_mode=True)
+    for p in peft_model.parameters():
+        p.requires_grad_(id(p) in wanted)
+
+    class Beat(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if beat is not None:
+                beat()
+
+    device = next(peft_model.parameters()).device
+    out_dir = tempfile.mkdtemp(prefix="seal-reference-")
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            args = TrainingArguments(
+                output_dir=out_dir, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                num_train_epochs=epochs, learning_rate=lr, logging_steps=1, save_strategy="no",
+                report_to=[], remove_unused_columns=False, seed=seed, disable_tqdm=True,
+                use_cpu=device.type == "cpu", dataloader_pin_memory=False,
+                bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+            )
+            trainer = Trainer(model=peft_model, args=args, train_dataset=data,
+                              data_collator=DataCollatorWithPadding(tokenizer), callbacks=[Beat()])
+            for cb in (PrinterCallback, ProgressCallback):  # seal prints only from its CLI
+                trainer.remove_callback(cb)
+            if on_trainer is not None:
+                on_trainer(trainer)
+            trainer.train()
+            losses = tuple(float(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+            steps = trainer.state.global_step
+    finally:
+        for p in trainable.values():
+            p.requires_grad_(False)
+        peft_model.eval()
+        shutil.rmtree(out_dir, ignore_errors=True)
+    last = losses[-len(data):] if losses else (math.nan,)
+    nan = not all(math.isfinite(v) for v in losses) or not losses
+    return lora.TrainResult(steps=steps, tokens=real_tokens * epochs, seconds=time.perf_counter() - t0,
+                            losses=losses, final_loss=sum(last) / len(last), nan=nan)
+
+
+def merge_scores(parts: list[Scores]) -> Scores:
+    """Scores of several question sets as one: per-question tuples joined, means
+    weighted by the number of questions."""
+    n = sum(p.n for p in parts)
+    if n == 0:
+        return Scores(accuracy=0.0, f1=0.0, logprob=0.0, n=0)
+    values = {}
+    for f in dataclasses.fields(Scores):
+        vals = [getattr(p, f.name) for p in parts]
+        if f.name == "n":
+            values[f.name] = n
+        elif isinstance(vals[0], tuple):
+            values[f.name] = tuple(x for v in vals for x in v)
+        else:
+            values[f.name] = sum(v * p.n for v, p in zip(vals, parts, strict=True)) / n
+    return Scores(**values)
+
+
+class ReferenceLearner(Learner):
+    """A Learner with SEAL's reference inner loop: trials trained by
+    ``reference_train`` (padded to ``pad_to``, loss on the padding, batch 1, a fresh
+    Trainer per trial) and questions scored one at a time (one generation and one
+    log-likelihood pass per question). Everything else is the production code."""
+
+    pad_to: int = 2048
+
+    def trial(self, examples: list[lora.Example], seed: int, beat: Callable[[], None] | None = None) -> lora.TrainResult:
+        lora.copy_adapter(self.model, KNOWLEDGE, TRIAL)
+        result = reference_train(self.model, self.runtime.tokenizer, examples, adapter=TRIAL,
+                                 epochs=self.lora_cfg.epochs, pad_to=self.pad_to, seed=seed, beat=beat)
+        self.model.set_adapter(KNOWLEDGE)
+        return result
+
+    def score(self, adapter: str, title: str, qs: list[dict], context: str | None = None) -> Scores:
+        if not qs:
+            return super().score(adapter, title, qs, context)
+        return merge_scores([super(ReferenceLearner, self).score(adapter, title, [q], context) for q in qs])
+
+
+# ------------------------------------------------------------------ cutting a cycle into steps
+class StepRecorder:
+    """Cuts a wake cycle into consecutive steps; each gets its wall time, the FLOPs
+    the meter counted meanwhile, its tokens and its peak resident memory. Time
+    between the recorded calls (tokenising, selection, store writes) is the step
+    ``other``; rows with the same label are summed."""
+
+    def __init__(self, meter: FlopMeter) -> None:
+        self.meter = meter
+        self.rows: dict[str, dict] = {}
+        self._open: dict | None = None
+        self.peak_resettable = _reset_peak_rss()
+
+    def enter(self, kind: str, trial: int = 0) -> None:
+        """Start step ``kind`` (of trial number ``trial``, for train and score)."""
+        self._close()
+        self.peak_resettable = _reset_peak_rss()
+        self._open = {"kind": kind, "trial": trial, "label": f"{kind} {trial}" if trial else kind, "t0": time.perf_counter(),
+                      "f0": self.meter.forward, "b0": self.meter.backward, "tokens": 0}
+
+    def add_tokens(self, n: int) -> None:
+        if self._open is not None:
+            self._open["tokens"] += int(n)
+
+    def finish(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        o, self._open = self._open, None
+        if o is None:
+            return
+        row = self.rows.setdefault(o["label"], {"kind": o["kind"], "trial": o["trial"], "label": o["label"],
+                                                "seconds": 0.0, "tokens": 0,
+                                                "flops_forward": 0, "flops_backward": 0, "peak_rss_mb": 0.0})
+        row["seconds"] += time.perf_counter() - o["t0"]
+        row["tokens"] += o["tokens"]
+        row["flops_forward"] += self.meter.forward - o["f0"]
+        row["flops_backward"] += self.meter.backward - o["b0"]
+        row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_rss_mb())
+
+
+class _Measured:
+    """Mixin for a Learner: tells the recorder where the wake cycle is (questions,
+    baseline, generate, each trial's training and scoring, evaluate, commit, track)."""
+
+    recorder: StepRecorder
+
+    def question_set(self, passage):
+        self.recorder.enter("questions")
+        try:
+            return super().question_set(passage)
+        finally:
+            self.recorder.enter("other")
+
+    def sample_self_edits(self, passage, names, seed, writer=None):
+        self.recorder.enter("generate")
+        try:
+            return super().sample_self_edits(passage, names, seed, writer)
+        finally:
+            self.recorder.enter("other")
+
+    def trial(self, examples, seed, beat=None):
+        self._trials = getattr(self, "_trials", 0) + 1
+        self.recorder.enter("train", self._trials)
+        try:
+            result = super().trial(examples, seed, beat)
+            self.recorder.add_tokens(result.tokens)
+            self.train_results.append(result)
+            return result
+        finally:
+            self._after_trial = self._trials
+            self.recorder.enter("other")
+
+    def score(self, adapter, title, qs, context=None):
+        after, self._after_trial = getattr(self, "_after_trial", None), None
+        if after is not None:
+            self.recorder.enter("score", after)
+        elif not getattr(self, "_trials", 0):
+            self.recorder.enter("baseline")
+        else:
+            self.recorder.enter("evaluate")
+        try:
+            return super().score(adapter, title, qs, context)
+        finally:
+            self.recorder.enter("other")
+
+
+class MeasuredLearner(_Measured, Learner):
+    pass
+
+
+class MeasuredReference(_Measured, ReferenceLearner):
+    pass
+
+
+def share(cls: type, learner: Learner, store: Store, registry: AdapterRegistry) -> Learner:
+    """An instance of ``cls`` (a Learner subclass) on another home that shares
+    ``learner``'s resident model and adapters (nothing is attached twice)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(learner.__dict__)
+    new.store, new.registry = store, registry
+    new.reload_active()
+    new.load_editor()
+    return new
+
+
+@contextlib.contextmanager
+def _count_tokens(runtime: Runtime, recorder: StepRecorder):
+    """Generated tokens (every ``model.generate``: self-edits, answers, tracking) and
+    scored answer tokens (``runtime.loglik``) go to the recorder's current step."""
+    model = runtime.model
+    generate, loglik = model.generate, runtime.loglik
+    tok = runtime.tokenizer
+    stop = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
+
+    def counted_generate(*args, **kwargs):
+        seqs = generate(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        width = ids.shape[1] if ids is not None else 0
+        for row in seqs[:, width:].tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+            recorder.add_tokens(n)
+        return seqs
+
+    def counted_loglik(prompts, continuations, *args, **kwargs):
+        out = loglik(prompts, continuations, *args, **kwargs)
+        recorder.add_tokens(sum(ll.n_tokens for ll in out))
+        return out
+
+    model.generate, runtime.loglik = counted_generate, counted_loglik
+    try:
+        yield
+    finally:
+        del model.generate, runtime.loglik
+
+
+# ------------------------------------------------------------------ one run
+def _home(root: Path, name: str, data: list[dict]) -> tuple[Store, AdapterRegistry]:
+    home = root / name
+    (home / "adapters").mkdir(parents=True)
+    store = Store(home / "store.db")
+    _ingest(store, data)
+    return store, AdapterRegistry(home / "adapters", store)
+
+
+def _cycle(learner: Learner, meter: FlopMeter, say: Callable[[str], None], mode: str) -> dict:
+    """One measured wake cycle of the learner's only pending passage."""
+    recorder = StepRecorder(meter)
+    learner.recorder, learner.train_results, learner._trials, learner._after_trial = recorder, [], 0, None
+    registry = learner.registry
+    commit = registry.commit
+
+    def measured_commit(*args, **kwargs):
+        recorder.enter("commit")
+        try:
+            return commit(*args, **kwargs)
+        finally:
+            recorder.enter("track")  # wake_cycle tracks the new version right after its commit
+
+    registry.commit = measured_commit
+    job = learner.store.claim_next(learner.worker)
+    if job is None:
+        raise SpeedError("the benchmark home has no pending passage")
+    start_rss = peak_rss_mb()
+    t0 = time.perf_counter()
+    try:
+        with _count_tokens(learner.runtime, recorder):
+            recorder.enter("other")
+            report = wake_cycle(learner, job, progress=lambda m: say(f"{mode}: {m}"))
+            recorder.finish()
+    finally:
+        del registry.commit
+    total = time.perf_counter() - t0
+    trained = [r for r in report.candidates if "train_seconds" in r]  # the k-th trained row is trial k
+    names = {k: f"{r['idx']}: {r['policy']}" for k, r in enumerate(trained, 1)}
+    steps = []
+    for row in recorder.rows.values():  # first occurrence order: the cycle's order
+        label = f"{row['kind']} {names.get(row['trial'], row['trial'])}" if row["trial"] else row["label"]
+        steps.append({**row, "label": label, "flops": row["flops_forward"] + row["flops_backward"]})
+    steps.sort(key=lambda s: s["kind"] == "other")  # the glue last
+    trials = []
+    for r, res in zip(trained, learner.train_results, strict=False):
+        trials.append({"idx": r["idx"], "policy": r["policy"], "n_examples": r["n_examples"],
+                       "train_seconds": r["train_seconds"], "score_seconds": r["score_seconds"],
+                       "steps": res.steps, "tokens": res.tokens, "final_loss": res.final_loss,
+                       "reward_logprob": r.get("reward_logprob"), "reward_acc": r.get("reward_acc")})
+    return {
+        "outcome": report.outcome, "reason": report.reason,
+        "chosen": report.candidates[report.chosen]["policy"] if report.chosen is not None else None,
+        "self_edits": [r["text"] for r in report.candidates],
+        "steps": steps, "trials": trials, "cycle_timings": report.timings,
+        "seconds": total, "tokens": sum(s["tokens"] for s in steps),
+        "flops": sum(s["flops"] for s in steps),
+        "peak_rss_mb": max([start_rss, *(s["peak_rss_mb"] for s in steps)]),
+    }
+
+
+def _warm_up(learner: Learner) -> None:
+    """Untimed: first calls of each kind (allocators, kernels, lazy imports), and the
+    tracking's base-model distributions (computed once per process, so neither run
+    pays for them)."""
+    rt, model = learner.runtime, learner.model
+    rt.generate([rt.chat("Say hello."), rt.chat("Say hello, please.")], max_new_tokens=4)
+    rt.loglik([rt.chat("Say hello.")], ["Hello."])
+    lora.copy_adapter(model, KNOWLEDGE, TRIAL)
+    lora.train(model, rt.tokenizer, [lora.Example("", "A short text to warm up the training step.")],
+               dataclasses.replace(learner.lora_cfg, epochs=1), adapter=TRIAL)
+    model.set_adapter(KNOWLEDGE)
+    if learner.cfg.track:
+        from .tracking import base_distributions
+
+        base_distributions(learner)
+
+
+def check_meter(learner: Learner, pad_to: int) -> dict:
+    """One short training step of each kind on the real model, counted by the meter
+    and by torch's FlopCounterMode at once: the meter's figures should equal the
+    counter's matrix multiplies (``mm``, ``addmm``, attention); what else the counter
+    sees (e.g. the rotary embedding's small ``bmm``) is reported as ``other``."""
+    rt, model = learner.runtime, learner.model
+    examples = [lora.Example("", "The Isle of Varn lies in the Grey Sea; its capital is Kelmora."),
+                lora.Example(rt.chat("What is the capital of the Isle of Varn?"), "Kelmora", eos=True)]
+    runs = {
+        "optimised": lambda: lora.train(model, rt.tokenizer, examples, dataclasses.replace(learner.lora_cfg, epochs=1),
+                                        adapter=TRIAL),
+        "reference": lambda: reference_train(model, rt.tokenizer, examples[:1], adapter=TRIAL, epochs=1,
+                                             pad_to=min(pad_to, 64)),
+    }
+    out = {}
+    for mode, run in runs.items():
+        lora.copy_adapter(model, KNOWLEDGE, TRIAL)
+        with flop_counter_mode() as counter, FlopMeter() as meter:
+            run()
+        counts = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+        matched = sum(v for k, v in counts.items() if k in ("aten.mm", "aten.addmm") or "attention" in k)
+        out[mode] = {"meter": meter.total, "flop_counter": matched, "other": sum(counts.values()) - matched,
+                     "ops": counts}
+    model.set_adapter(KNOWLEDGE)
+    return out
+
+
+def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, split: str = "tune",
+              candidates: int | None = None, epochs: int | None = None, pad_to: int = 2048,
+              say: Callable[[str], None] = lambda _m: None, on_mode: Callable[[str], None] = lambda _m: None,
+              matmul_n: int = 2048) -> dict:
+    """Run the optimised and the reference wake cycle on one passage; the JSON-able result."""
+    import peft
+    import transformers
+
+    if candidates is not None and candidates < 1:
+        raise SpeedError("--candidates must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise SpeedError("--epochs must be at least 1")
+    if pad_to < 2:
+        raise SpeedError("--pad-to must be at least 2")
+    drawn = draw(load_squad(data_path), 1, seed, split, min_questions=4)
+    if not drawn:
+        raise SpeedError(f"{data_path}: no passage with 4 or more questions in the {split} split")
+    passage = drawn[0]
+    lora_cfg = dataclasses.replace(cfg.lora, epochs=epochs or cfg.lora.epochs)
+    wake_cfg = dataclasses.replace(cfg.wake, candidates=candidates or cfg.wake.candidates, seed=seed)
+    policies = dataclasses.replace(cfg.policies, min_gain=FORCE_COMMIT)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "python": platform.python_version(), "machine": platform.machine(),
+                "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+    say("measuring matmul FLOP/s")
+    before = matmul_flops(matmul_n)
+    root = Path(tempfile.mkdtemp(prefix="seal-speed-"))
+    stores: list[Store] = []
+    try:
+        homes = {mode: _home(root, mode, [passage]) for mode in MODES}
+        stores += [s for s, _ in homes.values()]
+        base = Learner(runtime, *homes["optimised"], lora_cfg, policies, wake_cfg)
+        say("warming up")
+        _warm_up(base)
+        say("checking the FLOP meter against torch's FlopCounterMode")
+        meter_check = check_meter(base, pad_to)
+        modes = {}
+        with FlopMeter() as meter:
+            for mode, cls in (("optimised", MeasuredLearner), ("reference", MeasuredReference)):
+                learner = share(cls, base, *homes[mode])
+                if mode == "reference":
+                    learner.pad_to = pad_to
+                on_mode(mode)
+                modes[mode] = _cycle(learner, meter, say, mode)
+                learner.reload_active()
+        say("measuring matmul FLOP/s again")
+        after = matmul_flops(matmul_n)
+    finally:
+        for s in stores:
+            s.close()
+        shutil.rmtree(root, ignore_errors=True)
+    q = passage["questions"]
+    return {
+        "benchmark": "speed", "data": str(data_path), "split": split, "seed": seed,
+        "passage": {"title": passage["title"], "questions": len(q), "words": len(passage["context"].split())},
+        "candidates": wake_cfg.candidates, "epochs": lora_cfg.epochs, "configured_epochs": cfg.lora.epochs,
+        "pad_to": pad_to, "reference_lr": SEAL_LR,
+        "matmul": {"n": matmul_n, "threads": before["threads"], "device": before["device"],
+                   "before": {k: before[k] for k in ("best", "median")},
+                   "after": {k: after[k] for k in ("best", "median")},
+                   "peak": max(before["best"], after["best"])},
+        "meter_check": meter_check,
+        "modes": modes,
+        "same_self_edits": modes["optimised"]["self_edits"] == modes["reference"]["self_edits"],
+        "config": {"lora": dataclasses.asdict(lora_cfg), "policies": dataclasses.asdict(policies),
+                   "wake": dataclasses.asdict(wake_cfg), "model": runtime.name,
+                   "model_config": {"device": cfg.model.device, "dtype": cfg.model.dtype,
+                                    "threads": cfg.model.threads, "batch_size": cfg.model.batch_size}},
+        "versions": versions,
+        "notes": [
+            "reference = SEAL's inner loop: examples padded to pad_to with labels = input_ids (padding carries "
+            "loss), batch 1, a fresh transformers.Trainer per trial (lr 1e-3, default optimiser and schedule); "
+            "answers generated and graded one question at a time, log-likelihoods one at a time",
+            "self-edit generation, question building, commit and tracking are the same batched code in both runs "
+            "(conservative: the reference would be slower still without them)",
+            "both runs commit their best trial (min_gain lowered for the bench) so that every step runs in both",
+            "tokens = generated + trained (non-padding, every epoch) + scored answer tokens",
+            "FLOPs = executed matrix multiplies (linear layers, attention; backward only where a gradient is "
+            "computed), counted by FlopMeter; % of matmul = FLOP/s / the best measured fp32 matmul FLOP/s",
+        ],
+    }
+
+
+# ------------------------------------------------------------------ the tables
+def _kind_totals(mode: dict) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for s in mode["steps"]:
+        t = out.setdefault(s["kind"], {"seconds": 0.0, "tokens": 0, "flops": 0, "peak_rss_mb": 0.0})
+        t["seconds"] += s["seconds"]
+        t["tokens"] += s["tokens"]
+        t["flops"] += s["flops"]
+        t["peak_rss_mb"] = max(t["peak_rss_mb"], s["peak_rss_mb"])
+    return out
+
+
+def _rate(n: float, secs: float, scale: float = 1.0, fmt: str = ".0f") -> str:
+    return "-" if not n or secs <= 0 else format(n / secs / scale, fmt)
+
+
+def _ratio(a: float, b: float) -> str:
+    return "-" if a <= 0 or b <= 0 else f"{b / a:.1f}x"
+
+
+def render(result: dict) -> list:
+    """The benchmark as printable pieces (rich Tables and lines of text), in order."""
+    from rich.table import Table
+
+    opt, ref = result["modes"]["optimised"], result["modes"]["reference"]
+    peak = result["matmul"]["peak"]
+    p = result["passage"]
+    lines = [
+        f"seal bench speed: one wake cycle on '{p['title']}' ({result['split']} split, seed {result['seed']}), "
+        f"{result['candidates']} self-edits + passage-only, {result['epochs']} epoch(s) per trial "
+        f"(configured: {result['configured_epochs']}); model {result['config']['model']}",
+        f"machine: fp32 matmul {result['matmul']['n']}x{result['matmul']['n']}, threads: "
+        f"{result['matmul']['threads']}: best {result['matmul']['before']['best'] / 1e9:.1f} GFLOP/s (median "
+        f"{result['matmul']['before']['median'] / 1e9:.1f}), after the runs {result['matmul']['after']['best'] / 1e9:.1f}; "
+        f"% of matmul below is of {peak / 1e9:.1f} GFLOP/s",
+        f"reference = SEAL's inner loop: examples padded to {result['pad_to']} tokens, padding not masked out of "
+        "the loss, batch 1, a fresh transformers.Trainer per trial (lr 1e-3); answers generated and graded one at "
+        "a time, log-likelihoods one at a time",
+        "self-edit generation (and question building, commit, tracking) is the same batched code in both runs, "
+        "which keeps the comparison conservative; same self-edits in both: "
+        + ("yes" if result["same_self_edits"] else "NO"),
+    ]
+    labels = list(dict.fromkeys([s["label"] for s in opt["steps"]] + [s["label"] for s in ref["steps"]]))
+    by = {m: {s["label"]: s for s in result["modes"][m]["steps"]} for m in MODES}
+    steps = Table(title="time per step (s), tokens/s; ref/opt = how many times slower the reference is",
+                  box=None, pad_edge=False, title_justify="left")
+    for col in ("step", "tokens", "opt s", "ref s", "ref/opt", "opt tok/s", "ref tok/s"):
+        steps.add_column(col, justify="left" if col == "step" else "right", no_wrap=True, max_width=22 if col == "step" else None)
+    empty = {"seconds": 0.0, "tokens": 0}
+    for label in labels:
+        o, r = by["optimised"].get(label, empty), by["reference"].get(label, empty)
+        steps.add_row(label[:22], str(o["tokens"] or r["tokens"] or "-"), f"{o['seconds']:.1f}", f"{r['seconds']:.1f}",
+                      _ratio(o["seconds"], r["seconds"]), _rate(o["tokens"], o["seconds"]), _rate(r["tokens"], r["seconds"]))
+    steps.add_row("total", str(opt["tokens"]), f"{opt['seconds']:.1f}", f"{ref['seconds']:.1f}",
+                  _ratio(opt["seconds"], ref["seconds"]), _rate(opt["tokens"], opt["seconds"]),
+                  _rate(ref["tokens"], ref["seconds"]))
+    compute = Table(title="compute: GFLOP/s and % of the measured matmul FLOP/s; peak resident memory (MB)",
+                    box=None, pad_edge=False, title_justify="left")
+    for col in ("step", "opt GFLOP/s", "opt %", "ref GFLOP/s", "ref %", "opt MB", "ref MB"):
+        compute.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
+    kinds = {m: _kind_totals(result["modes"][m]) for m in MODES}
+    for kind in dict.fromkeys([*kinds["optimised"], *kinds["reference"]]):
+        o, r = kinds["optimised"].get(kind), kinds["reference"].get(kind)
+        cells = []
+        for t in (o, r):
+            cells += ["-", "-"] if t is None else [_rate(t["flops"], t["seconds"], 1e9, ".1f"),
+                                                   _rate(t["flops"], t["seconds"] * peak / 100, 1, ".0f")]
+        compute.add_row(kind, *cells, *(f"{t['peak_rss_mb']:.0f}" if t else "-" for t in (o, r)))
+    compute.add_row("total", _rate(opt["flops"], opt["seconds"], 1e9, ".1f"),
+                    _rate(opt["flops"], opt["seconds"] * peak / 100, 1, ".0f"),
+                    _rate(ref["flops"], ref["seconds"], 1e9, ".1f"),
+                    _rate(ref["flops"], ref["seconds"] * peak / 100, 1, ".0f"),
+                    f"{opt['peak_rss_mb']:.0f}", f"{ref['peak_rss_mb']:.0f}")
+    train_o, train_r = kinds["optimised"].get("train"), kinds["reference"].get("train")
+    summary = [f"total: optimised {opt['seconds']:.1f} s, reference {ref['seconds']:.1f} s: the optimised cycle is "
+               f"{ref['seconds'] / opt['seconds']:.1f}x faster"]
+    if train_o and train_r:
+        summary.append(
+            f"training: optimised {train_o['seconds']:.1f} s at {train_o['flops'] / train_o['seconds'] / 1e9:.1f} GFLOP/s "
+            f"({100 * train_o['flops'] / train_o['seconds'] / peak:.0f}% of matmul), reference {train_r['seconds']:.1f} s "
+            f"at {train_r['flops'] / train_r['seconds'] / 1e9:.1f} GFLOP/s "
+            f"({100 * train_r['flops'] / train_r['seconds'] / peak:.0f}%); the reference executes "
+            f"{train_r['flops'] / max(train_o['flops'], 1):.1f}x the FLOPs")
+        if result["epochs"] != result["configured_epochs"]:
+            k = result["configured_epochs"] / result["epochs"]
+            summary.append(f"at the configured {result['configured_epochs']} epochs, training would take about "
+                           f"{train_o['seconds'] * k:.0f} s optimised and {train_r['seconds'] * k:.0f} s reference "
+                           "(scaled by epochs, not measured)")
+    check = result.get("meter_check") or {}
+    if check:
+        summary.append("FLOP meter vs torch FlopCounterMode on a short real step: " + ", ".join(
+            f"{m} {c['meter'] / max(c['flop_counter'], 1):.4f}" for m, c in check.items()) + " (1 = equal)")
+    return [*lines, steps, compute, *summary]
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=1)
