@@ -144,9 +144,12 @@ def train_editors(
     previous = out_dir / RESULT
     if previous.is_file():
         old = json.loads(previous.read_text(encoding="utf-8"))
-        if {k: old.get(k) for k in setup} != json.loads(json.dumps(setup)):
+        if _what_trains(old) != _what_trains(json.loads(json.dumps(setup))):
             raise ValueError(f"{out_dir} holds editors trained with other settings; use another directory")
-        result["rounds"] = [r for r in old["rounds"] if weights_file(out_dir, r["round"]).is_file()]
+        kept = [r for r in old["rounds"] if weights_file(out_dir, r["round"]).is_file()]
+        result = {**old, "rounds": kept[: next((i for i, r in enumerate(kept) if r["round"] != i + 1), len(kept))]}
+        if len(result["rounds"]) >= rounds:
+            return result  # nothing to run: read back as recorded
 
     tmp = Path(tempfile.mkdtemp(prefix="seal-bench-editor-"))
     store = Store(tmp / "store.db")
@@ -196,6 +199,15 @@ def train_editors(
         store.close()
     _write(out_dir / RESULT, result)
     return result
+
+
+def _what_trains(setup: dict) -> dict:
+    """The settings an editor depends on (not, e.g., the wake cycle's selection rule)."""
+    pol = setup.get("policies") or {}
+    wake = setup.get("wake") or {}
+    return {**{k: setup.get(k) for k in ("data", "seed", "passages", "names", "lora", "editor", "model")},
+            "policies": {k: pol.get(k) for k in ("self_edit", "temperature", "top_p")},
+            "wake": {k: wake.get(k) for k in ("self_edit_tokens", "answer_tokens")}}
 
 
 def load_editors(out_dir: Path, rounds: int) -> dict[str, dict]:

@@ -1019,18 +1019,11 @@ def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, roun
     """Train (or, when done before, read back) the ReST-EM editors of ``bench squad``."""
     from .bench_editor import RESULT, load_editors, train_editors
 
+    names = None
     saved = out_dir / RESULT
-    if saved.is_file():  # trained before (e.g. by `seal bench editor`, with its own settings): read back
-        result = json.loads(saved.read_text(encoding="utf-8"))
-        if len(result.get("rounds", [])) >= rounds:
-            _print_editor(result)
-            info = {"dir": str(out_dir), "passages": result["passages"], "rounds": rounds, "names": result["names"],
-                    "pairs": [r["n_pairs"] for r in result["rounds"][:rounds]],
-                    "outcomes": [r["outcome"] for r in result["rounds"][:rounds]]}
-            try:
-                return load_editors(out_dir, rounds), info
-            except ValueError as e:
-                fail(str(e))
+    if saved.is_file():  # trained before (e.g. by `seal bench editor`): its settings; missing rounds are re-run
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        names, passages, seed = old["names"], len(old["passages"]), old["seed"]
     with _progress(passages * rounds) as (say, tick):
         done = [0]
 
@@ -1040,12 +1033,13 @@ def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, roun
 
         try:
             result = train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
-                                   out_dir=out_dir, exclude_titles=exclude, say=say, on_passage=step)
+                                   out_dir=out_dir, names=names, exclude_titles=exclude, say=say, on_passage=step)
         except ValueError as e:
             fail(str(e))
     _print_editor(result)
     info = {"dir": str(out_dir), "passages": result["passages"], "rounds": rounds, "names": result["names"],
-            "pairs": [r["n_pairs"] for r in result["rounds"]], "outcomes": [r["outcome"] for r in result["rounds"]]}
+            "pairs": [r["n_pairs"] for r in result["rounds"][:rounds]],
+            "outcomes": [r["outcome"] for r in result["rounds"][:rounds]]}
     return load_editors(out_dir, rounds), info
 
 

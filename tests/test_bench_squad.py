@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapters.lora import LoraConfig
 from agent.bench import bootstrap_ci, run_squad, split_of
@@ -118,6 +119,12 @@ def test_editors_are_trained_on_tune_passages_and_give_rows(tokenizer, data_file
     again = train_editors(runtime, _cfg(), data_path=data_file, passages=2, seed=0, rounds=2, out_dir=out,
                           say=lambda m: pytest.fail(f"re-ran: {m}"))
     assert again["rounds"] == json.loads(json.dumps(result["rounds"]))
+    # a round whose weights are missing is re-run, and gives the same editor (seeded)
+    (out / "round-2.safetensors").unlink()
+    rerun = train_editors(runtime, _cfg(), data_path=data_file, passages=2, seed=0, rounds=2, out_dir=out)
+    assert rerun["rounds"][1]["pairs"] == result["rounds"][1]["pairs"]
+    again_2 = load_editors(out, 2)["restem-2"]
+    assert all(torch.equal(again_2[k], editors["restem-2"][k]) for k in editors["restem-2"])
     info = {"passages": result["passages"]}
     got = run_squad(runtime, _cfg(), data_path=data_file, passages=2, seed=3, policies=("implications",),
                     editors=editors, editor_info=info)
