@@ -167,6 +167,41 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, str]:
     return path, path.name
 
 
+FEW_ROWS = 4  # up to this many rows, a CPU linear layer multiplies the other way round
+
+
+class FewRowsLinear(torch.nn.Linear):
+    """``nn.Linear`` that computes a product of a few rows (2 to ``FEW_ROWS``: one new
+    token per sequence while generating a small batch) as ``(W @ x.T).T``. MKL's fp32
+    GEMM streams the weight 2-7x slower for ``x @ W.T`` with 2-8 rows than for the
+    transposed product (which it runs near memory bandwidth); one row goes to GEMV
+    either way, so it is left alone. Same FLOPs and the same math (float sums may
+    round differently). On the 2-core development machine, ``seal bench speed --epochs
+    1 --pad-to 256``: sampling 3 self-edits 28.2 -> 14.0 s, scoring 2 questions 4.3
+    -> 2.1 s, the whole optimised wake cycle 58.2 -> 35.1 s, with the same outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if not 1 < rows <= FEW_ROWS:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        # contiguous: downstream kernels (e.g. the flash attention) want the usual layout
+        out = torch.nn.functional.linear(self.weight, x.reshape(rows, x.shape[-1])).t().contiguous()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_few_rows_linear(model) -> int:
+    """Turn the plain ``nn.Linear`` layers of a CPU model into ``FewRowsLinear`` (in
+    place; weights, hooks and peft wrapping are untouched). Returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu":
+            module.__class__ = FewRowsLinear
+            n += 1
+    return n
+
+
 class Runtime:
     """A loaded causal LM and its tokenizer, with batched generation and scoring.
 
@@ -181,6 +216,7 @@ class Runtime:
         self.name = name
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        use_few_rows_linear(self.model)
         self.model.eval()
 
     @property

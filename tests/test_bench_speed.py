@@ -233,3 +233,37 @@ def test_matmul_flops_is_a_positive_finite_rate():
     assert math.isfinite(m["best"]) and m["best"] > 0 and m["median"] <= m["best"]
     assert m["threads"] == torch.get_num_threads() == 1
 
+
+
+# ------------------------------------------------------------------ the speed work
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_computes_what_nn_linear_computes(bias):
+    from agent.runtime import FEW_ROWS, FewRowsLinear, use_few_rows_linear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias))
+    few = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias))
+    few.load_state_dict(plain.state_dict())
+    assert use_few_rows_linear(few) == 1 and type(few[0]) is FewRowsLinear
+    for shape in [(1, 24), (2, 24), (1, FEW_ROWS, 24), (FEW_ROWS, 1, 24), (3, 5, 24)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y0, y1 = plain(x), few(x)
+        assert y1.shape == y0.shape and y1.is_contiguous()
+        torch.testing.assert_close(y1, y0)
+        (g0,) = torch.autograd.grad(y0.square().sum(), x)
+        (g1,) = torch.autograd.grad(y1.square().sum(), x)
+        torch.testing.assert_close(g1, g0)  # still trainable through
+
+
+def test_a_cpu_runtime_uses_few_rows_linear_and_generates_as_before(tokenizer):
+    from agent.runtime import FewRowsLinear
+
+    plain = tiny_llama(tokenizer)
+    rt = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    assert any(type(m) is FewRowsLinear for m in rt.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in rt.model.modules())
+    before = Runtime.__new__(Runtime)  # the same weights without the change
+    before.__dict__.update(rt.__dict__, model=plain)
+    prompts = [rt.chat(f"Question {i}?") for i in range(3)]
+    assert [g.text for g in rt.generate(prompts, max_new_tokens=8)] == \
+        [g.text for g in before.generate(prompts, max_new_tokens=8)]
