@@ -507,6 +507,9 @@ def _cycle(learner: Learner, meter: FlopMeter, say: Callable[[str], None], mode:
         "outcome": report.outcome, "reason": report.reason,
         "chosen": report.candidates[report.chosen]["policy"] if report.chosen is not None else None,
         "self_edits": [r["text"] for r in report.candidates],
+        "candidates": [{"idx": r["idx"], "policy": r["policy"], "n_tokens": r["n_tokens"],
+                        "n_examples": r["n_examples"], "trained": "train_seconds" in r, "note": r.get("note")}
+                       for r in report.candidates],
         "steps": steps, "trials": trials, "cycle_timings": report.timings,
         "seconds": total, "tokens": sum(s["tokens"] for s in steps),
         "flops": sum(s["flops"] for s in steps),
@@ -684,6 +687,11 @@ def render(result: dict) -> list:
         "which keeps the comparison conservative; same self-edits in both: "
         + ("yes" if result["same_self_edits"] else "NO"),
     ]
+    skipped = [c for c in opt.get("candidates", []) if not c["trained"]]
+    if skipped:
+        lines.append(f"not trained in either run: self-edit{'s' if len(skipped) > 1 else ''} "
+                     + ", ".join(str(c["idx"]) for c in skipped)
+                     + " (nothing usable beyond the passage: the same as the passage-only trial)")
     labels = list(dict.fromkeys([s["label"] for s in opt["steps"]] + [s["label"] for s in ref["steps"]]))
     by = {m: {s["label"]: s for s in result["modes"][m]["steps"]} for m in MODES}
     steps = Table(title="time per step (s), tokens/s; ref/opt = how many times slower the reference is",

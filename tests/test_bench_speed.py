@@ -74,6 +74,7 @@ def test_both_runs_end_to_end_write_every_step_and_show_prints_them(seal, tiny_d
             assert kind in kinds, (mode, kinds)
         assert m["outcome"] == "committed"
         assert len(m["trials"]) == kinds.count("train") >= 2  # passage-only + at least one self-edit
+        assert len(m["candidates"]) == 3 and sum(c["trained"] for c in m["candidates"]) == len(m["trials"])
         assert math.isclose(sum(s["seconds"] for s in m["steps"]), m["seconds"], rel_tol=0.02)
         train = [s for s in m["steps"] if s["kind"] == "train"]
         assert all(s["flops_backward"] > 0 and s["tokens"] > 0 for s in train)
