@@ -1014,16 +1014,11 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
     click.echo(f"wrote {target}")
 
 
-def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
-             exclude: set[str]) -> tuple[dict, dict]:
-    """Train (or, when done before, read back) the ReST-EM editors of ``bench squad``."""
-    from .bench_editor import RESULT, load_editors, train_editors
+def _train_editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
+                   names: tuple[str, ...] | None, exclude: set[str]) -> dict:
+    """`bench_editor.train_editors` with a progress bar over passages x rounds."""
+    from .bench_editor import train_editors
 
-    names = None
-    saved = out_dir / RESULT
-    if saved.is_file():  # trained before (e.g. by `seal bench editor`): its settings; missing rounds are re-run
-        old = json.loads(saved.read_text(encoding="utf-8"))
-        names, passages, seed = old["names"], len(old["passages"]), old["seed"]
     with _progress(passages * rounds) as (say, tick):
         done = [0]
 
@@ -1032,10 +1027,23 @@ def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, roun
             tick(done[0], passages * rounds)
 
         try:
-            result = train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
-                                   out_dir=out_dir, names=names, exclude_titles=exclude, say=say, on_passage=step)
+            return train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
+                                 out_dir=out_dir, names=names, exclude_titles=exclude, say=say, on_passage=step)
         except ValueError as e:
             fail(str(e))
+
+
+def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
+             exclude: set[str]) -> tuple[dict, dict]:
+    """Train (or, when done before, read back) the ReST-EM editors of ``bench squad``."""
+    from .bench_editor import RESULT, load_editors
+
+    names = None
+    saved = out_dir / RESULT
+    if saved.is_file():  # trained before (e.g. by `seal bench editor`): its settings; missing rounds are re-run
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        names, passages, seed = old["names"], len(old["passages"]), old["seed"]
+    result = _train_editors(app, path, out_dir, passages, seed, rounds, names, exclude)
     _print_editor(result)
     info = {"dir": str(out_dir), "passages": result["passages"], "rounds": rounds, "names": result["names"],
             "pairs": [r["n_pairs"] for r in result["rounds"][:rounds]],
@@ -1060,7 +1068,6 @@ def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, se
     from policies import self_edit as self_edits
 
     from .bench import DEFAULT_DATA, draw, load_squad
-    from .bench_editor import train_editors
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -1072,18 +1079,7 @@ def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, se
         if bad or not names:
             fail(f"--policies: {bad[0] if bad else policy_names!r} is not a self-edit policy that writes text")
     exclude = {d["title"] for d in draw(load_squad(path), exclude_eval, seed, "eval")} if exclude_eval else set()
-    with _progress(passages * rounds) as (say, tick):
-        done = [0]
-
-        def step(_i: int, _n: int) -> None:
-            done[0] += 1
-            tick(done[0], passages * rounds)
-
-        try:
-            result = train_editors(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, rounds=rounds,
-                                   out_dir=Path(out_dir), names=names, exclude_titles=exclude, say=say, on_passage=step)
-        except ValueError as e:
-            fail(str(e))
+    result = _train_editors(app, path, Path(out_dir), passages, seed, rounds, names, exclude)
     _print_editor(result, study=True, policies=app.cfg.policies)
     click.echo(f"wrote {Path(out_dir) / 'editor.json'}")
 
