@@ -178,10 +178,9 @@ def run_squad(
         tmp = Path(tempfile.mkdtemp(prefix="seal-bench-"))
         store = Store(tmp / "store.db")  # a fresh home: nothing learned, nothing shared
         learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
-        zero = lora.snapshot(learner.model, KNOWLEDGE)
         try:
             for i in range(len(per_passage), len(data)):
-                per_passage.append(_one_passage(learner, runtime, pol, data[i], i, seed, policies, n_cand, zero,
+                per_passage.append(_one_passage(learner, runtime, pol, data[i], i, seed, policies, n_cand,
                                                 editors, say, len(data)))
                 on_passage(i + 1, len(data))
                 if on_result:
@@ -192,7 +191,7 @@ def run_squad(
 
 
 def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
-                 n_cand: int, zero: dict, editors: dict[str, dict], say: Callable[[str], None], n_data: int) -> dict:
+                 n_cand: int, editors: dict[str, dict], say: Callable[[str], None], n_data: int) -> dict:
     """All conditions for one passage: its record (per condition: per-question grades,
     seconds, tokens)."""
     t_passage = time.perf_counter()
@@ -201,7 +200,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     roles = split_roles([q["id"] for q in qs], pol.reward_fraction, seed=seed * 100003 + i)
     reward_qs = [q for q in qs if roles[q["id"]] == "reward"]
     probe_qs = [q for q in qs if roles[q["id"]] == "probe"]
-    lora.restore(learner.model, KNOWLEDGE, zero)  # every passage starts from the base model
+    lora.restore(learner.model, KNOWLEDGE, learner._zero)  # every passage starts from the base model
     say(f"[{i + 1}/{n_data}] {title}: base and open-book")
     record: dict = {"index": i, "title": title, "n_reward": len(reward_qs), "n_probe": len(probe_qs), "conditions": {}}
 
@@ -286,7 +285,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         r, p, tr_s, sc_s, tr_tok = run_trial(name, edit, 100 + j)
         texts.append({"policy": name, "writer": cond, "text": edit})
         add(cond, p if p is not None else base, gen_s + tr_s + sc_s, n_tok + tr_tok)
-    lora.restore(learner.model, EDITOR, zero)
+    lora.restore(learner.model, EDITOR, learner._zero)
 
     record.update({
         "choice": None if choice.idx is None else bo_trials[[t.idx for t in bo_trials].index(choice.idx)].policy,

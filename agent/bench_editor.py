@@ -154,7 +154,6 @@ def train_editors(
     tmp = Path(tempfile.mkdtemp(prefix="seal-bench-editor-"))
     store = Store(tmp / "store.db")
     learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
-    zero = lora.snapshot(learner.model, KNOWLEDGE)
     passage_trials: dict[str, dict] = {}
     for done in result["rounds"]:
         for rec in done["per_passage"]:
@@ -182,7 +181,7 @@ def train_editors(
                 on_passage(i + 1, len(data))
             all_pairs += new_pairs
             rows = [row for _, row in sft_examples(learner, all_pairs[: ecfg.max_pairs], ecfg.max_length)]
-            lora.restore(learner.model, TRIAL, zero)  # ReST-EM: each round's editor starts from the base
+            lora.restore(learner.model, TRIAL, learner._zero)  # ReST-EM: each round's editor starts from the base
             if len(rows) >= ecfg.min_pairs:
                 say(f"round {r}: SFT of the editor on {len(rows)} pairs")
                 fit = sft(learner, rows, dataclasses.replace(ecfg, seed=ecfg.seed + r), adapter=TRIAL, progress=say)

@@ -412,17 +412,6 @@ class MeasuredReference(_Measured, ReferenceLearner):
     pass
 
 
-def share(cls: type, learner: Learner, store: Store, registry: AdapterRegistry) -> Learner:
-    """An instance of ``cls`` (a Learner subclass) on another home that shares
-    ``learner``'s resident model and adapters (nothing is attached twice)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(learner.__dict__)
-    new.store, new.registry = store, registry
-    new.reload_active()
-    new.load_editor()
-    return new
-
-
 @contextlib.contextmanager
 def _count_tokens(runtime: Runtime, recorder: StepRecorder):
     """Generated tokens (every ``model.generate``: self-edits, answers, tracking) and
@@ -601,7 +590,7 @@ def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, 
         modes = {}
         with FlopMeter() as meter:
             for mode, cls in (("optimised", MeasuredLearner), ("reference", MeasuredReference)):
-                learner = share(cls, base, *homes[mode])
+                learner = cls(runtime, *homes[mode], lora_cfg, policies, wake_cfg)  # the same resident model
                 if mode == "reference":
                     learner.pad_to = pad_to
                 on_mode(mode)

@@ -47,17 +47,23 @@ def best_of_n(trials: list[Trial], min_gain: float, edit_margin: float) -> Choic
     return Choice(best.idx, f"{best.policy}#{best.idx} gained {best.reward:+.3f}")
 
 
+def _reference_and_best(trials: list[Trial]) -> tuple[Trial | None, Trial | None]:
+    """The passage-only trial and the best self-edit trial (by reward, ties by the
+    other reward), each None when it did not train."""
+    ok = [t for t in trials if t.ok]
+    reference = next((t for t in ok if t.policy == "passage"), None)
+    edits = [t for t in ok if t is not reference]
+    return reference, max(edits, key=lambda t: (t.reward, t.other)) if edits else None
+
+
 def floor(trials: list[Trial], min_gain: float, edit_margin: float) -> Choice:
     """Passage-only is the floor: it is committed whenever it trained (learning the
     passage is the job, and a reward on 2-3 questions is too noisy to veto it); a
     self-edit replaces it only if it beats it by more than ``edit_margin``. Without a
     passage-only trial, as ``best_of_n``."""
-    ok = [t for t in trials if t.ok]
-    reference = next((t for t in ok if t.policy == "passage"), None)
+    reference, best = _reference_and_best(trials)
     if reference is None:
         return best_of_n(trials, min_gain, edit_margin)
-    edits = [t for t in ok if t is not reference]
-    best = max(edits, key=lambda t: (t.reward, t.other)) if edits else None
     if best is not None and best.reward - reference.reward > edit_margin:
         return Choice(best.idx, f"{best.policy}#{best.idx} beat passage-only by {best.reward - reference.reward:+.3f}")
     return Choice(reference.idx, "passage-only kept (the floor): no self-edit beat it by the margin")
@@ -67,14 +73,11 @@ def prefer_edit(trials: list[Trial], min_gain: float, edit_margin: float) -> Cho
     """The best self-edit is committed (its examples include the passage) unless
     passage-only beats it by more than ``edit_margin``; passage-only when no self-edit
     trained. Without a passage-only trial, as ``best_of_n``."""
-    ok = [t for t in trials if t.ok]
-    reference = next((t for t in ok if t.policy == "passage"), None)
+    reference, best = _reference_and_best(trials)
     if reference is None:
         return best_of_n(trials, min_gain, edit_margin)
-    edits = [t for t in ok if t is not reference]
-    if not edits:
+    if best is None:
         return Choice(reference.idx, "no self-edit trained: passage-only")
-    best = max(edits, key=lambda t: (t.reward, t.other))
     if reference.reward - best.reward > edit_margin:
         return Choice(reference.idx, f"passage-only beat the best self-edit by {reference.reward - best.reward:+.3f}")
     return Choice(best.idx, f"{best.policy}#{best.idx}: best self-edit, within the margin of passage-only or above it")
