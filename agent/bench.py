@@ -38,17 +38,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from adapters import lora
+from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
-from policies import reward as rewards
 from policies import selection as selections
-from policies import self_edit as self_edits
 from policies.questions import split_roles
 from policies.reward import Scores
 from store import Store
 
 from .config import Config
+from .learner import Learner
 from .runtime import Runtime
-from .wake import EDITOR, KNOWLEDGE, TRIAL, Learner
+from .trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candidate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_dev.json"
 DEFAULT_POLICIES = ("implications", "rewrite", "self_qa", "qa_chat")
@@ -193,9 +193,12 @@ def run_squad(
 def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
                  n_cand: int, editors: dict[str, dict], say: Callable[[str], None], n_data: int) -> dict:
     """All conditions for one passage: its record (per condition: per-question grades,
-    seconds, tokens)."""
+    seconds, tokens). Every update is one ``try_candidate`` from a fresh LoRA; the
+    best-of-N row selects among the same candidates as the wake cycle would
+    (``candidates_of``), by the same rule, on the reward questions only."""
     t_passage = time.perf_counter()
     title, text = d["title"], d["context"]
+    passage = {"title": title, "text": text}
     qs = [{"id": j, "question": q["question"], "answer": q["answer"]} for j, q in enumerate(d["questions"])]
     roles = split_roles([q["id"] for q in qs], pol.reward_fraction, seed=seed * 100003 + i)
     reward_qs = [q for q in qs if roles[q["id"]] == "reward"]
@@ -220,79 +223,79 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     say(f"[{i + 1}/{n_data}] {title}: writing self-edits")
     names = list(policies) + [pol.self_edit] * max(n_cand - (1 if pol.self_edit in policies else 0), 0)
     t0 = time.perf_counter()
-    edits = learner.sample_self_edits({"title": title, "text": text}, names, seed=seed * 7919 + i)
-    t_gen = time.perf_counter() - t0
-    per_edit_s = t_gen / max(len(edits), 1)
+    edits = [Candidate(*e) for e in learner.sample_self_edits(passage, names, seed=seed * 7919 + i)]
+    per_edit_s = (time.perf_counter() - t0) / max(len(edits), 1)
 
-    def run_trial(name: str, edit: str, k: int) -> tuple[Scores | None, Scores | None, float, float, int]:
-        examples = self_edits.get(name).examples(title, text, edit, runtime.chat)
-        if name != "passage" and self_edits.adds_nothing(examples, title, text):
-            # nothing usable beyond the passage: the update would be passage-only's
-            # (as in the wake cycle, not trained again, and it cannot win best-of-N)
-            return None, p_pass, 0.0, 0.0, 0
-        res = learner.trial(examples, seed=seed + 31 * i + k)
+    def run_trial(cand: Candidate, k: int) -> tuple[TrialOutcome, Scores | None, float]:
+        """One trial and, when it trained to the end, its probe scores (and seconds)."""
+        o = try_candidate(learner, passage, cand, seed + 31 * i + k, reward_qs, baseline_reward, idx=k,
+                          beside_passage=True)
+        if o.result is None:  # the same as passage-only: its probes, at no cost
+            return o, p_pass, 0.0
+        if not o.ok:  # a non-finite loss: no update to measure
+            return o, None, o.result.seconds
         t1 = time.perf_counter()
-        if res.nan:
-            return None, None, res.seconds, 0.0, res.tokens
-        r = learner.score(TRIAL, title, reward_qs)
         p = learner.score(TRIAL, title, probe_qs)
-        return r, p, res.seconds, time.perf_counter() - t1, res.tokens
+        return o, p, o.result.seconds + o.score_seconds + time.perf_counter() - t1
+
+    def cost(o: TrialOutcome, secs: float) -> tuple[float, int]:
+        return secs, (o.result.tokens if o.result else 0)
 
     say(f"[{i + 1}/{n_data}] {title}: passage-only trial")
     p_pass = None
-    r_pass, p_pass, tr_s, sc_s, tr_tok = run_trial("passage", "", 0)
-    add("passage", p_pass, tr_s + sc_s, tr_tok)
-    bo_trials = [selections.Trial(0, "passage", rewards.REWARDS[pol.reward](r_pass, baseline_reward),
-                                  rewards.qa_accuracy(r_pass, baseline_reward))]
-    bo_probe = {0: p_pass}
-    bo_time = {"generate": 0.0, "train": tr_s, "score": sc_s}
-    bo_tokens = tr_tok
+    o_pass, p_pass, secs = run_trial(Candidate(PASSAGE), 0)
+    add("passage", p_pass, *cost(o_pass, secs))
+    # best-of-N: the wake cycle's candidates (passage-only, when it trains it, and N samples of its policy)
+    pool = [(0, o_pass, p_pass, secs)] if candidates_of(pol, edits)[0].policy == PASSAGE else []
     first_of_policy: set[str] = set()
     texts = []
-    for k, (name, edit, n_tok) in enumerate(edits, start=1):
-        say(f"[{i + 1}/{n_data}] {title}: trial {k}/{len(edits)} ({name})")
-        r, p, tr_s, sc_s, tr_tok = run_trial(name, edit, k)
-        texts.append({"policy": name, "text": edit})
-        if name not in first_of_policy and name in policies:
-            first_of_policy.add(name)
-            add(name, p if p is not None else base,
-                per_edit_s + tr_s + sc_s, n_tok + tr_tok)
-        if name == pol.self_edit and len(bo_trials) <= n_cand:
-            ok = r is not None
-            bo_trials.append(selections.Trial(
-                k, name,
-                rewards.REWARDS[pol.reward](r, baseline_reward) if ok else float("-inf"),
-                rewards.qa_accuracy(r, baseline_reward) if ok else float("-inf"), ok=ok))
-            if ok:
-                bo_probe[k] = p
-            bo_time["generate"] += per_edit_s
-            bo_time["train"] += tr_s
-            bo_time["score"] += sc_s
-            bo_tokens += n_tok + tr_tok
-    choice = selections.get(pol.selection)(bo_trials, pol.min_gain, pol.edit_margin)
-    chosen = bo_probe[choice.idx] if choice.idx is not None else base  # nothing committed
-    add(f"best-of-{n_cand}", chosen, sum(bo_time.values()), bo_tokens)
+    for k, cand in enumerate(edits, start=1):
+        say(f"[{i + 1}/{n_data}] {title}: trial {k}/{len(edits)} ({cand.policy})")
+        o, p, secs = run_trial(cand, k)
+        texts.append({"policy": cand.policy, "text": cand.text})
+        if cand.policy not in first_of_policy and cand.policy in policies:
+            first_of_policy.add(cand.policy)
+            s_, t_ = cost(o, secs)
+            add(cand.policy, p if p is not None else base, per_edit_s + s_, cand.n_tokens + t_)
+        if cand.policy == pol.self_edit and sum(1 for _, c, _, _ in pool if c.candidate.policy != PASSAGE) < n_cand:
+            pool.append((k, o, p, secs))
+    choice, chosen, bo_time, bo_tokens = _best_of_n(pol, pool, per_edit_s)
+    add(f"best-of-{n_cand}", chosen if chosen is not None else base, sum(bo_time.values()), bo_tokens)
 
     # the editors after ReST-EM rounds: one self-edit each, written by that editor
     for j, (cond, weights) in enumerate(editors.items()):
         say(f"[{i + 1}/{n_data}] {title}: {cond}")
         lora.restore(learner.model, EDITOR, weights)
         t0 = time.perf_counter()
-        got = learner.sample_self_edits({"title": title, "text": text}, [pol.self_edit],
-                                        seed=seed * 7919 + i, writer=EDITOR)
+        got = learner.sample_self_edits(passage, [pol.self_edit], seed=seed * 7919 + i, writer=EDITOR)
         gen_s = time.perf_counter() - t0
-        name, edit, n_tok = got[0] if got else ("passage", "", 0)
-        r, p, tr_s, sc_s, tr_tok = run_trial(name, edit, 100 + j)
-        texts.append({"policy": name, "writer": cond, "text": edit})
-        add(cond, p if p is not None else base, gen_s + tr_s + sc_s, n_tok + tr_tok)
+        cand = Candidate(*got[0]) if got else Candidate(PASSAGE)
+        o, p, secs = run_trial(cand, 100 + j)
+        texts.append({"policy": cand.policy, "writer": cond, "text": cand.text})
+        s_, t_ = cost(o, secs)
+        add(cond, p if p is not None else base, gen_s + s_, cand.n_tokens + t_)
     lora.restore(learner.model, EDITOR, learner._zero)
 
     record.update({
-        "choice": None if choice.idx is None else bo_trials[[t.idx for t in bo_trials].index(choice.idx)].policy,
+        "choice": None if choice.idx is None else next(o.candidate.policy for k, o, _, _ in pool if k == choice.idx),
         "reason": choice.reason,
-        "trials": [asdict(t) for t in bo_trials],
+        "trials": [asdict(o.as_trial(k)) for k, o, _, _ in pool],
         "best_of_n_s": bo_time,
         "self_edits": texts,
         "seconds": time.perf_counter() - t_passage,
     })
     return record
+
+
+def _best_of_n(pol, pool: list[tuple[int, TrialOutcome, Scores | None, float]], per_edit_s: float):
+    """Selection over the pool of (index, trial, probe scores, seconds) exactly as the
+    wake cycle selects: (choice, the chosen trial's probe scores or None, seconds by
+    step, tokens generated + trained)."""
+    choice = selections.get(pol.selection)([o.as_trial(k) for k, o, _, _ in pool], pol.min_gain, pol.edit_margin)
+    chosen = {k: p for k, _, p, _ in pool}.get(choice.idx) if choice.idx is not None else None
+    n_edits = sum(1 for _, o, _, _ in pool if o.candidate.policy != PASSAGE)
+    seconds = {"generate": per_edit_s * n_edits,
+               "train": sum(o.result.seconds for _, o, _, _ in pool if o.result),
+               "score": sum(secs - o.result.seconds for _, o, _, secs in pool if o.result)}
+    tokens = sum(o.candidate.n_tokens + (o.result.tokens if o.result else 0) for _, o, _, _ in pool)
+    return choice, chosen, seconds, tokens

@@ -34,13 +34,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from adapters.names import KNOWLEDGE
 from adapters.registry import AdapterRegistry
 from store import NewDocument, NewPassage, NewQuestion, Store
 
 from .bench import draw, load_squad
 from .config import Config
+from .learner import Learner
 from .runtime import Runtime
-from .wake import KNOWLEDGE, Learner, wake_cycle
+from .wake import wake_cycle
 
 CONDITIONS = {
     "no-sleep": None,  # condition -> consolidation policy of its sleeps

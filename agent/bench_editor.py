@@ -37,10 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters import lora
+from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
 from policies import reward as rewards
 from policies import selection as selections
-from policies import self_edit as self_edits
 from policies.questions import split_roles
 from policies.reward import Scores
 from store import Store
@@ -48,8 +48,10 @@ from store import Store
 from .bench import draw, load_squad, versions
 from .config import Config
 from .editor import sft, sft_examples
+from .events import log_lines
+from .learner import Learner
 from .runtime import Runtime
-from .wake import EDITOR, KNOWLEDGE, TRIAL, Learner
+from .trial import PASSAGE, Candidate, rewards_of, try_candidate
 
 RESULT = "editor.json"
 GENERATING = ("implications", "rewrite", "self_qa", "qa_chat")
@@ -81,27 +83,28 @@ def _passage_round(learner: Learner, d: dict, names: list[str], writer: str | No
     """One training passage of a round: baseline, passage-only (unless given), one
     trial per sampled self-edit, all graded on all the passage's questions."""
     title, text = d["title"], d["context"]
+    passage = {"title": title, "text": text}
     qs = [{"question": q["question"], "answer": q["answer"]} for q in d["questions"]]
     t0 = time.perf_counter()
-    base = passage_trial["baseline"] if passage_trial else _graded(learner.score(KNOWLEDGE, title, qs))
     if passage_trial is None:
-        res = learner.trial(self_edits.get("passage").examples(title, text, "", learner.runtime.chat), seed=seed)
-        passage_trial = {"baseline": base, "passage": {**_graded(learner.score(TRIAL, title, qs)),
-                                                        "tokens": res.tokens, "seconds": res.seconds}}
-    edits = learner.sample_self_edits({"title": title, "text": text}, names, seed=seed + 1, writer=writer)
+        baseline = learner.score(KNOWLEDGE, title, qs)
+        o = try_candidate(learner, passage, Candidate(PASSAGE), seed, qs, baseline)
+        passage_trial = {"baseline": _graded(baseline),
+                         "passage": {**_graded(o.scores), "tokens": o.result.tokens, "seconds": o.result.seconds}}
+    baseline = _scores(passage_trial["baseline"])
+    edits = learner.sample_self_edits(passage, names, seed=seed + 1, writer=writer)
     cands = []
     for k, (name, edit, n_tok) in enumerate(edits):
         say(f"{title}: trial {k + 1}/{len(edits)} ({name})")
-        examples = self_edits.get(name).examples(title, text, edit, learner.runtime.chat)
+        o = try_candidate(learner, passage, Candidate(name, edit, n_tok), seed + 2 + k, qs, baseline,
+                          beside_passage=True)
         row = {"policy": name, "text": edit, "gen_tokens": n_tok}
-        if self_edits.adds_nothing(examples, title, text):
+        if o.result is None:  # the same as passage-only: its grades
             row.update(passage_trial["passage"], same_as_passage=True, tokens=0, seconds=0.0)
+        elif not o.ok:
+            row.update(nan=True, tokens=o.result.tokens, seconds=o.result.seconds)
         else:
-            res = learner.trial(examples, seed=seed + 2 + k)
-            if res.nan:
-                row.update(nan=True, tokens=res.tokens, seconds=res.seconds)
-            else:
-                row.update(_graded(learner.score(TRIAL, title, qs)), tokens=res.tokens, seconds=res.seconds)
+            row.update(_graded(o.scores), tokens=o.result.tokens, seconds=o.result.seconds)
         cands.append(row)
     return {"title": title, "n_questions": len(qs), **passage_trial, "candidates": cands,
             "seconds": time.perf_counter() - t0}
@@ -184,7 +187,8 @@ def train_editors(
             lora.restore(learner.model, TRIAL, learner._zero)  # ReST-EM: each round's editor starts from the base
             if len(rows) >= ecfg.min_pairs:
                 say(f"round {r}: SFT of the editor on {len(rows)} pairs")
-                fit = sft(learner, rows, dataclasses.replace(ecfg, seed=ecfg.seed + r), adapter=TRIAL, progress=say)
+                fit = sft(learner, rows, dataclasses.replace(ecfg, seed=ecfg.seed + r), adapter=TRIAL,
+                          on_event=log_lines(say))
                 state, outcome, loss, sft_s = lora.snapshot(learner.model, TRIAL), "trained", fit.train_loss, fit.seconds
             else:
                 state = _load(weights_file(out_dir, r - 1)) if r > 1 else lora.snapshot(learner.model, TRIAL)
@@ -276,9 +280,7 @@ def selection_study(result: dict, fraction: float, rules: dict[str, tuple[str, s
                 trials, probes = [], {}
                 for idx, (name, c) in enumerate([("passage", rec["passage"])] + [(c["policy"], c) for c in cands]):
                     s = _subset(c, rq)
-                    fn = rewards.REWARDS[reward]
-                    other = rewards.qa_accuracy if reward == "answer_logprob" else rewards.answer_logprob
-                    trials.append(selections.Trial(idx, name, fn(s, base_r), other(s, base_r)))
+                    trials.append(selections.Trial(idx, name, *rewards_of(s, base_r, reward)))
                     probes[idx] = [c["correct"][q] for q in pq]
                 choice = selections.get(selection)(trials, min_gain, margin)
                 add(rule, probes[choice.idx] if choice.idx is not None else probe["base"])

@@ -48,18 +48,21 @@ import torch
 import torch.nn.functional as F
 
 from adapters import lora
+from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
-from policies.reward import Scores
 from store import Store
 
 from .bench import draw, load_squad
 from .bench_continual import _ingest
 from .config import Config
+from .events import END, START, Event
+from .learner import Learner
 from .runtime import Runtime
-from .wake import KNOWLEDGE, TRIAL, Learner, wake_cycle
+from .wake import wake_cycle
 
 SEAL_LR = 1e-3  # SEAL's inner-loop learning rate (finetune_lr)
 MODES = ("optimised", "reference")
+STEPS = ("questions", "baseline", "generate", "train", "score", "evaluate", "commit", "track")
 FORCE_COMMIT = -1e9  # min_gain for the bench: both runs commit, so every step runs in both
 
 
@@ -278,43 +281,17 @@ def reference_train(peft_model, tokenizer, examples: list[lora.Example], *, adap
                             losses=losses, final_loss=sum(last) / len(last), nan=nan)
 
 
-def merge_scores(parts: list[Scores]) -> Scores:
-    """Scores of several question sets as one: per-question tuples joined, means
-    weighted by the number of questions."""
-    n = sum(p.n for p in parts)
-    if n == 0:
-        return Scores(accuracy=0.0, f1=0.0, logprob=0.0, n=0)
-    values = {}
-    for f in dataclasses.fields(Scores):
-        vals = [getattr(p, f.name) for p in parts]
-        if f.name == "n":
-            values[f.name] = n
-        elif isinstance(vals[0], tuple):
-            values[f.name] = tuple(x for v in vals for x in v)
-        else:
-            values[f.name] = sum(v * p.n for v, p in zip(vals, parts, strict=True)) / n
-    return Scores(**values)
+def reference_trainer(pad_to: int):
+    """A ``Learner.train_fn`` that trains the way SEAL's inner loop does
+    (``reference_train``); lora.train's signature, so the Learner needs nothing else."""
 
+    def train(peft_model, tokenizer, examples, cfg: lora.LoraConfig, adapter: str = TRIAL,
+              progress: Callable[[int, int, float], None] | None = None) -> lora.TrainResult:
+        beat = (lambda: progress(0, 0, math.nan)) if progress is not None else None
+        return reference_train(peft_model, tokenizer, examples, adapter=adapter, epochs=cfg.epochs, pad_to=pad_to,
+                               seed=cfg.seed, beat=beat)
 
-class ReferenceLearner(Learner):
-    """A Learner with SEAL's reference inner loop: trials trained by
-    ``reference_train`` (padded to ``pad_to``, loss on the padding, batch 1, a fresh
-    Trainer per trial) and questions scored one at a time (one generation and one
-    log-likelihood pass per question). Everything else is the production code."""
-
-    pad_to: int = 2048
-
-    def trial(self, examples: list[lora.Example], seed: int, beat: Callable[[], None] | None = None) -> lora.TrainResult:
-        lora.copy_adapter(self.model, KNOWLEDGE, TRIAL)
-        result = reference_train(self.model, self.runtime.tokenizer, examples, adapter=TRIAL,
-                                 epochs=self.lora_cfg.epochs, pad_to=self.pad_to, seed=seed, beat=beat)
-        self.model.set_adapter(KNOWLEDGE)
-        return result
-
-    def score(self, adapter: str, title: str, qs: list[dict], context: str | None = None) -> Scores:
-        if not qs:
-            return super().score(adapter, title, qs, context)
-        return merge_scores([super(ReferenceLearner, self).score(adapter, title, [q], context) for q in qs])
+    return train
 
 
 # ------------------------------------------------------------------ cutting a cycle into steps
@@ -328,6 +305,7 @@ class StepRecorder:
         self.meter = meter
         self.rows: dict[str, dict] = {}
         self._open: dict | None = None
+        self.train_results: dict[int, dict] = {}  # candidate index -> steps, tokens, final loss
         self.peak_resettable = _reset_peak_rss()
 
     def enter(self, kind: str, trial: int = 0) -> None:
@@ -344,6 +322,17 @@ class StepRecorder:
     def finish(self) -> None:
         self._close()
 
+    def on_event(self, e: Event) -> None:
+        """The wake cycle's step events: a step's start opens it (a trial's train and
+        score steps are numbered by candidate, from 1), its end returns to ``other``."""
+        if e.step == "train" and e.phase == END:
+            self.add_tokens(e.tokens)
+            self.train_results[e.candidate] = {"steps": e.steps, "tokens": e.tokens, "final_loss": e.loss}
+        if e.phase == START and e.step in STEPS:
+            self.enter(e.step, e.candidate + 1 if e.candidate is not None else 0)
+        elif e.phase == END and e.step in STEPS:
+            self.enter("other")
+
     def _close(self) -> None:
         o, self._open = self._open, None
         if o is None:
@@ -356,60 +345,6 @@ class StepRecorder:
         row["flops_forward"] += self.meter.forward - o["f0"]
         row["flops_backward"] += self.meter.backward - o["b0"]
         row["peak_rss_mb"] = max(row["peak_rss_mb"], peak_rss_mb())
-
-
-class _Measured:
-    """Mixin for a Learner: tells the recorder where the wake cycle is (questions,
-    baseline, generate, each trial's training and scoring, evaluate, commit, track)."""
-
-    recorder: StepRecorder
-
-    def question_set(self, passage):
-        self.recorder.enter("questions")
-        try:
-            return super().question_set(passage)
-        finally:
-            self.recorder.enter("other")
-
-    def sample_self_edits(self, passage, names, seed, writer=None):
-        self.recorder.enter("generate")
-        try:
-            return super().sample_self_edits(passage, names, seed, writer)
-        finally:
-            self.recorder.enter("other")
-
-    def trial(self, examples, seed, beat=None):
-        self._trials = getattr(self, "_trials", 0) + 1
-        self.recorder.enter("train", self._trials)
-        try:
-            result = super().trial(examples, seed, beat)
-            self.recorder.add_tokens(result.tokens)
-            self.train_results.append(result)
-            return result
-        finally:
-            self._after_trial = self._trials
-            self.recorder.enter("other")
-
-    def score(self, adapter, title, qs, context=None):
-        after, self._after_trial = getattr(self, "_after_trial", None), None
-        if after is not None:
-            self.recorder.enter("score", after)
-        elif not getattr(self, "_trials", 0):
-            self.recorder.enter("baseline")
-        else:
-            self.recorder.enter("evaluate")
-        try:
-            return super().score(adapter, title, qs, context)
-        finally:
-            self.recorder.enter("other")
-
-
-class MeasuredLearner(_Measured, Learner):
-    pass
-
-
-class MeasuredReference(_Measured, ReferenceLearner):
-    pass
 
 
 @contextlib.contextmanager
@@ -452,46 +387,38 @@ def _home(root: Path, name: str, data: list[dict]) -> tuple[Store, AdapterRegist
 
 
 def _cycle(learner: Learner, meter: FlopMeter, say: Callable[[str], None], mode: str) -> dict:
-    """One measured wake cycle of the learner's only pending passage."""
+    """One measured wake cycle of the learner's only pending passage, cut into steps
+    by the cycle's own step events."""
     recorder = StepRecorder(meter)
-    learner.recorder, learner.train_results, learner._trials, learner._after_trial = recorder, [], 0, None
-    registry = learner.registry
-    commit = registry.commit
-
-    def measured_commit(*args, **kwargs):
-        recorder.enter("commit")
-        try:
-            return commit(*args, **kwargs)
-        finally:
-            recorder.enter("track")  # wake_cycle tracks the new version right after its commit
-
-    registry.commit = measured_commit
     job = learner.store.claim_next(learner.worker)
     if job is None:
         raise SpeedError("the benchmark home has no pending passage")
+
+    def on_event(e: Event) -> None:
+        recorder.on_event(e)
+        if e.message:
+            say(f"{mode}: {e.message}")
+
     start_rss = peak_rss_mb()
     t0 = time.perf_counter()
-    try:
-        with _count_tokens(learner.runtime, recorder):
-            recorder.enter("other")
-            report = wake_cycle(learner, job, progress=lambda m: say(f"{mode}: {m}"))
-            recorder.finish()
-    finally:
-        del registry.commit
+    with _count_tokens(learner.runtime, recorder):
+        recorder.enter("other")
+        report = wake_cycle(learner, job, on_event=on_event)
+        recorder.finish()
     total = time.perf_counter() - t0
-    trained = [r for r in report.candidates if "train_seconds" in r]  # the k-th trained row is trial k
-    names = {k: f"{r['idx']}: {r['policy']}" for k, r in enumerate(trained, 1)}
+    names = {r["idx"] + 1: f"{r['idx']}: {r['policy']}" for r in report.candidates}
     steps = []
     for row in recorder.rows.values():  # first occurrence order: the cycle's order
         label = f"{row['kind']} {names.get(row['trial'], row['trial'])}" if row["trial"] else row["label"]
         steps.append({**row, "label": label, "flops": row["flops_forward"] + row["flops_backward"]})
     steps.sort(key=lambda s: s["kind"] == "other")  # the glue last
     trials = []
-    for r, res in zip(trained, learner.train_results, strict=False):
-        trials.append({"idx": r["idx"], "policy": r["policy"], "n_examples": r["n_examples"],
-                       "train_seconds": r["train_seconds"], "score_seconds": r["score_seconds"],
-                       "steps": res.steps, "tokens": res.tokens, "final_loss": res.final_loss,
-                       "reward_logprob": r.get("reward_logprob"), "reward_acc": r.get("reward_acc")})
+    for r in report.candidates:
+        res = recorder.train_results.get(r["idx"])
+        if "train_seconds" in r and res is not None:
+            trials.append({"idx": r["idx"], "policy": r["policy"], "n_examples": r["n_examples"],
+                           "train_seconds": r["train_seconds"], "score_seconds": r["score_seconds"],
+                           **res, "reward_logprob": r.get("reward_logprob"), "reward_acc": r.get("reward_acc")})
     return {
         "outcome": report.outcome, "reason": report.reason,
         "chosen": report.candidates[report.chosen]["policy"] if report.chosen is not None else None,
@@ -504,6 +431,15 @@ def _cycle(learner: Learner, meter: FlopMeter, say: Callable[[str], None], mode:
         "flops": sum(s["flops"] for s in steps),
         "peak_rss_mb": max([start_rss, *(s["peak_rss_mb"] for s in steps)]),
     }
+
+
+def measured_learner(runtime: Runtime, home: tuple[Store, AdapterRegistry], lora_cfg: lora.LoraConfig,
+                     policies, wake_cfg, mode: str, pad_to: int) -> Learner:
+    """A Learner on the resident model for one mode: the optimised one is seal's own;
+    the reference trains with SEAL's inner loop and scores one question at a time."""
+    if mode == "reference":
+        return Learner(runtime, *home, lora_cfg, policies, wake_cfg, train_fn=reference_trainer(pad_to), score_batch=1)
+    return Learner(runtime, *home, lora_cfg, policies, wake_cfg)
 
 
 def _warm_up(learner: Learner) -> None:
@@ -589,10 +525,8 @@ def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, 
         meter_check = check_meter(base, pad_to)
         modes = {}
         with FlopMeter() as meter:
-            for mode, cls in (("optimised", MeasuredLearner), ("reference", MeasuredReference)):
-                learner = cls(runtime, *homes[mode], lora_cfg, policies, wake_cfg)  # the same resident model
-                if mode == "reference":
-                    learner.pad_to = pad_to
+            for mode in MODES:
+                learner = measured_learner(runtime, homes[mode], lora_cfg, policies, wake_cfg, mode, pad_to)
                 on_mode(mode)
                 modes[mode] = _cycle(learner, meter, say, mode)
                 learner.reload_active()

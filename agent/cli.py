@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ class App:
     def learner(self):
         from adapters.registry import AdapterRegistry
 
-        from .wake import Learner
+        from .learner import Learner
 
         if self._learner is None:
             registry = AdapterRegistry(self.home.adapters, self.store)
@@ -323,6 +322,7 @@ def _refuse_beside_daemon(app: App, what: str) -> None:
 @pass_app
 def learn(app: App, max_passages: int | None) -> None:
     """Process the queue in the foreground, then exit."""
+    from .events import describe, log_lines
     from .wake import learn as drain
 
     _refuse_beside_daemon(app, "learn")
@@ -351,8 +351,9 @@ def learn(app: App, max_passages: int | None) -> None:
             task = bar.add_task("learning", total=total, rate="")
             started, tokens = time.monotonic(), [0]
 
-            def progress(msg: str) -> None:
-                bar.update(task, description=msg[:50])
+            def on_event(e) -> None:
+                if e.message or e.phase == "advance":
+                    bar.update(task, description=describe(e)[:50])
 
             def report(r) -> None:
                 # tokens generated and trained on, as the cycle recorded them
@@ -366,9 +367,9 @@ def learn(app: App, max_passages: int | None) -> None:
                 else:
                     _print_report(r)
 
-            reports = drain(learner, max_passages, progress, on_report=report)
+            reports = drain(learner, max_passages, on_event, on_report=report)
     else:
-        reports = drain(learner, max_passages, lambda msg: log.info(msg), on_report=_print_report)
+        reports = drain(learner, max_passages, log_lines(log.info), on_report=_print_report)
     done = [r for r in reports if r.outcome == "committed"]
     click.echo(f"learned {len(done)} of {len(reports)} passage(s); active adapter: "
                f"{(learner.registry.active('knowledge') or {}).get('id', 'none (base model)')}")
@@ -451,11 +452,13 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
         learner = app.learner
         learner.recover()  # leftovers of a killed commit go before a new one
         if err.is_terminal and not as_json:
-            with _StepProgress("sleeping") as progress:
-                report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual", progress=progress)
+            with _StepProgress("sleeping") as on_event:
+                report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual", on_event=on_event)
         else:
+            from .events import log_lines
+
             report = sleep_phase(learner, cfg, getattr(app.cfg, "editor", None), "manual",
-                                 progress=lambda msg: log.info(msg))
+                                 on_event=log_lines(log.info))
     if report is None:
         click.echo('{"outcome": "skipped", "reason": "no learned passage yet"}' if as_json
                    else "nothing to consolidate: no passage learned yet (seal ingest, seal learn)")
@@ -469,10 +472,8 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
 
 
 class _StepProgress:
-    """A progress bar fed by progress messages: a message with "step I/N" in it moves
-    the bar (steps, elapsed, ETA), any other message names the current phase."""
-
-    STEP = re.compile(r"step (\d+)/(\d+)")
+    """A progress bar fed by step events: a step's advances move the bar (steps,
+    elapsed, ETA; a new total starts a fresh bar), a message names the current step."""
 
     def __init__(self, description: str):
         from rich.progress import (
@@ -488,15 +489,13 @@ class _StepProgress:
                             TimeRemainingColumn(), console=err, transient=True)
         self.task = self.bar.add_task(description, total=None)
 
-    def __call__(self, msg: str) -> None:
-        m = self.STEP.search(msg)
-        if m:
-            done, total = int(m.group(1)), int(m.group(2))
-            if self.bar.tasks[0].total != total:  # a new phase of steps: its own ETA
-                self.bar.reset(self.task, total=total)
-            self.bar.update(self.task, completed=done, description=msg[: m.start()].rstrip(" :,")[:40] or "training")
-        else:
-            self.bar.update(self.task, description=msg[:50])
+    def __call__(self, e) -> None:
+        if e.phase == "advance" and e.total:
+            if self.bar.tasks[0].total != e.total:  # a new phase of steps: its own ETA
+                self.bar.reset(self.task, total=e.total)
+            self.bar.update(self.task, completed=e.done, description=(e.message or e.step)[:40])
+        elif e.message:
+            self.bar.update(self.task, description=e.message[:50])
 
     def __enter__(self) -> _StepProgress:
         self.bar.__enter__()

@@ -47,12 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapters.names import KNOWLEDGE
 from policies import schedule as schedules
 from store import Store
 
+from .events import OnEvent, ignore, log_lines
 from .home import Home
 from .ingest import IngestError, prepare
-from .wake import KNOWLEDGE, CycleReport, Learner, StopRequested, learn, worker_id
+from .learner import Learner, worker_id
+from .wake import CycleReport, StopRequested, learn
 
 if TYPE_CHECKING:
     from .config import Config
@@ -160,10 +163,10 @@ def default_sleep(cfg: Config) -> SleepFn:
     """The sleep phase of agent.sleep (imported when the first sleep runs)."""
 
     def sleep(learner: Learner, *, trigger: str, should_stop: Callable[[], bool],
-              progress: Callable[[str], None] | None = None) -> object:
+              on_event: OnEvent = ignore) -> object:
         from .sleep import sleep_phase
 
-        return sleep_phase(learner, cfg.sleep, cfg.editor, trigger=trigger, progress=progress, should_stop=should_stop)
+        return sleep_phase(learner, cfg.sleep, cfg.editor, trigger=trigger, on_event=on_event, should_stop=should_stop)
 
     return sleep
 
@@ -258,7 +261,7 @@ class Daemon:
 
         self.activity = "learning"
         try:
-            reports = learn(self.learner, max_passages=1, progress=progress, should_stop=self._stop.is_set)
+            reports = learn(self.learner, max_passages=1, on_event=log_lines(progress), should_stop=self._stop.is_set)
         finally:
             self.activity = "idle"
         for r in reports:
@@ -297,7 +300,8 @@ class Daemon:
             log.info(msg)
 
         try:
-            result = self._sleep_fn(self.learner, trigger=trigger, should_stop=self._stop.is_set, progress=progress)
+            result = self._sleep_fn(self.learner, trigger=trigger, should_stop=self._stop.is_set,
+                                    on_event=log_lines(progress))
             outcome = str(getattr(result, "outcome", outcome))
         except StopRequested:
             outcome = "stopped"

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from adapters import lora
-from policies import reward as rewards
+from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from policies import self_edit as self_edits
 
-from .wake import EDITOR, KNOWLEDGE, TRIAL, Learner, Progress
+from .events import ADVANCE, END, START, Event, OnEvent, ignore
+from .learner import Learner
+from .trial import Candidate, examples_of, try_candidate
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,7 @@ def _isolated(model):
 
 
 def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TRIAL,
-        progress: Progress | None = None, should_stop: Callable[[], bool] = lambda: False) -> SFTResult:
+        on_event: OnEvent = ignore, should_stop: Callable[[], bool] = lambda: False) -> SFTResult:
     """Fine-tune ``adapter`` (only it) on prompt-completion rows with trl's SFTTrainer:
     loss on the completion (EOS appended) only; no hub, no reports, no checkpoints."""
     from datasets import Dataset
@@ -187,7 +189,6 @@ def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TR
 
     disable_progress_bar()
     model, tok = learner.model, learner.runtime.tokenizer
-    say = progress or (lambda _msg: None)
     losses: list[tuple[float, float]] = []  # (epoch, loss)
     stopped = [False]
 
@@ -201,7 +202,8 @@ def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TR
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append((float(state.epoch or 0.0), float(logs["loss"])))
-                say(f"editor SFT step {state.global_step}/{state.max_steps}: loss {logs['loss']:.3f}")
+                on_event(Event("sft", ADVANCE, "editor SFT", done=state.global_step, total=state.max_steps,
+                               loss=float(logs["loss"])))
 
     t0 = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="seal-editor-sft-")
@@ -286,15 +288,11 @@ def _edit_reward(learner: Learner, passage: dict, qs: list[dict], baseline, poli
     """(reward_logprob, reward_acc) of one trial update on a self-edit; identical
     training examples (e.g. two edits that add nothing beyond the passage) share one
     trial."""
-    examples = self_edits.get(policy).examples(passage["title"], passage["text"], edit, learner.runtime.chat)
-    key = tuple(examples)
+    cand = Candidate(policy, edit)
+    key = tuple(examples_of(learner, passage, cand))
     if key not in cache:
-        result = learner.trial(examples, seed)
-        if result.nan:
-            cache[key] = (None, None)
-        else:
-            s = learner.score(TRIAL, passage["title"], qs)
-            cache[key] = (rewards.answer_logprob(s, baseline), rewards.qa_accuracy(s, baseline))
+        o = try_candidate(learner, passage, cand, seed, qs, baseline)
+        cache[key] = (o.reward_logprob, o.reward_acc)
     return cache[key]
 
 
@@ -303,7 +301,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 # ----------------------------------------------------------------------- a round
-def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, progress: Progress | None = None,
+def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_event: OnEvent = ignore,
                  should_stop: Callable[[], bool] = lambda: False) -> EditorRound:
     """One ReST-EM round on the editor. Records it (kept, rejected or skipped) and
     returns it; abandoned (should_stop) rounds record and commit nothing, and so does
@@ -312,7 +310,6 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, prog
         now = time.time()
         return EditorRound(None, sleep_id, now, now, "skipped", "editor.enabled is false", learner.editor_id,
                            None, 0, 0, None, None, None, {})
-    say = progress or (lambda _msg: None)
     store, registry, model = learner.store, learner.registry, learner.model
     started = time.time()
     timings: dict[str, float] = {}
@@ -355,13 +352,14 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, prog
         check()
 
         # 3. the M-step: SFT a scratch copy of the editor on the pairs
-        say(f"editor: SFT on {len(rows)} pairs")
+        on_event(Event("sft", START, f"editor: SFT on {len(rows)} pairs"))
         if cfg.from_base:
             lora.restore(model, TRIAL, learner._zero)  # a fresh LoRA: the base model
         else:
             lora.copy_adapter(model, EDITOR, TRIAL)
-        result = sft(learner, rows, cfg, TRIAL, progress, should_stop)
+        result = sft(learner, rows, cfg, TRIAL, on_event, should_stop)
         timings["sft"] = result.seconds
+        on_event(Event("sft", END, steps=result.steps, loss=result.train_loss))
         if result.stopped:
             raise Abandoned
         detail |= {"sft_steps": result.steps, "losses": list(result.losses)}
@@ -371,37 +369,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, prog
         check()
 
         # 4. one self-edit per held-out passage from each editor (same seed), one trial each
-        t0 = time.perf_counter()
-        per_passage = []
-        before_all: list[float] = []
-        after_all: list[float] = []
-        edits = {}
-        for passage, _ in held:
-            seed = cfg.seed + passage["id"] * 1000
-            edits[passage["id"]] = (
-                learner.sample_self_edits(passage, [policy], seed),  # the active editor (or the base)
-                learner.sample_self_edits(passage, [policy], seed, writer=TRIAL),  # the new one
-            )
-        timings["generate"] = time.perf_counter() - t0
-        check()
-        t0 = time.perf_counter()
-        for passage, qs in held:
-            say(f"editor: measuring on '{passage['title']}'")
-            baseline = learner.score(KNOWLEDGE, passage["title"], qs)
-            (old,), (new,) = edits[passage["id"]]
-            cache: dict = {}
-            trial_seed = cfg.seed + passage["id"]
-            r_before, acc_before = _edit_reward(learner, passage, qs, baseline, policy, old[1], trial_seed, cache)
-            check()
-            r_after, acc_after = _edit_reward(learner, passage, qs, baseline, policy, new[1], trial_seed, cache)
-            check()
-            per_passage.append({"passage_id": passage["id"], "before": r_before, "after": r_after,
-                                "acc_before": acc_before, "acc_after": acc_after,
-                                "edit_before": old[1], "edit_after": new[1]})
-            if r_before is not None and r_after is not None:  # paired: a failed trial drops both
-                before_all.append(r_before)
-                after_all.append(r_after)
-        timings["measure"] = time.perf_counter() - t0
+        per_passage, before_all, after_all = _heldout_rewards(learner, held, policy, cfg, timings, check, on_event)
         detail |= {"heldout": per_passage}
         measured = dict(n_pairs=len(rows), n_heldout=len(before_all), train_loss=result.train_loss,
                         reward_before=_mean(before_all), reward_after=_mean(after_all))
@@ -432,3 +400,42 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, prog
     finally:
         model.set_adapter(KNOWLEDGE, inference_mode=True)
         model.eval()
+
+
+def _heldout_rewards(learner: Learner, held: list[tuple[dict, list[dict]]], policy: str, cfg: EditorConfig,
+                     timings: dict, check: Callable[[], None], on_event: OnEvent):
+    """For each held-out passage, one self-edit from the active editor (or the base)
+    and one from the new one (in ``trial``), with the same seed; then one trial
+    update each, scored on the passage's reward questions. Returns (per-passage
+    detail, paired rewards before, paired rewards after): a failed trial drops both."""
+    t0 = time.perf_counter()
+    edits = {}
+    for passage, _ in held:
+        seed = cfg.seed + passage["id"] * 1000
+        edits[passage["id"]] = (
+            learner.sample_self_edits(passage, [policy], seed),  # the active editor (or the base)
+            learner.sample_self_edits(passage, [policy], seed, writer=TRIAL),  # the new one
+        )
+    timings["generate"] = time.perf_counter() - t0
+    check()
+    t0 = time.perf_counter()
+    per_passage, before_all, after_all = [], [], []
+    for passage, qs in held:
+        on_event(Event("measure", START, f"editor: measuring on '{passage['title']}'"))
+        baseline = learner.score(KNOWLEDGE, passage["title"], qs)
+        (old,), (new,) = edits[passage["id"]]
+        cache: dict = {}
+        trial_seed = cfg.seed + passage["id"]
+        r_before, acc_before = _edit_reward(learner, passage, qs, baseline, policy, old[1], trial_seed, cache)
+        check()
+        r_after, acc_after = _edit_reward(learner, passage, qs, baseline, policy, new[1], trial_seed, cache)
+        check()
+        on_event(Event("measure", END))
+        per_passage.append({"passage_id": passage["id"], "before": r_before, "after": r_after,
+                            "acc_before": acc_before, "acc_after": acc_after,
+                            "edit_before": old[1], "edit_after": new[1]})
+        if r_before is not None and r_after is not None:
+            before_all.append(r_before)
+            after_all.append(r_after)
+    timings["measure"] = time.perf_counter() - t0
+    return per_passage, before_all, after_all

@@ -22,18 +22,16 @@ from dataclasses import dataclass, field
 from adapters import lora
 from adapters.lora import Example
 from adapters.merge import merge_into
+from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from policies import consolidation as consolidations
 from policies import self_edit as self_edits
 from policies.consolidation import MERGE_TYPES, Mix
 from policies.reward import Scores
 
 from . import tracking
+from .events import ADVANCE, END, START, Event, OnEvent, ignore
 
 log = logging.getLogger(__name__)
-
-KNOWLEDGE, TRIAL = "knowledge", "trial"
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -214,30 +212,27 @@ def dream(learner, n: int, cfg: SleepConfig, seed: int) -> list[Example]:
     return [Example(prompt=start, completion=g.text) for g in gens if g.text.strip()]
 
 
-def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress,
+def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, on_event: OnEvent,
                should_stop: Callable[[], bool], timings: dict) -> tuple[lora.TrainResult, int, int]:
     examples = [e for pid in mix.replay for e in committed_examples(learner, pid)]
     n_replay = len(examples)
     t0 = time.perf_counter()
     if mix.dreams:
-        say(f"dreaming {mix.dreams} free generation(s) from BOS")
-        dreams = dream(learner, mix.dreams, cfg, seed)
-        examples += dreams
+        on_event(Event("dream", START, f"dreaming {mix.dreams} free generation(s) from BOS"))
+        examples += dream(learner, mix.dreams, cfg, seed)
         timings["dream"] = time.perf_counter() - t0
+        on_event(Event("dream", END))
     n_dreams = len(examples) - n_replay
     if should_stop():
         raise Abandoned("stop requested before training")
-    say(f"consolidating: {n_replay} example(s) of {len(mix.replay)} passage(s) + {n_dreams} dream(s), "
-        f"{cfg.epochs} epoch(s)")
+    on_event(Event("consolidate", START, f"consolidating: {n_replay} example(s) of {len(mix.replay)} passage(s) + "
+                                         f"{n_dreams} dream(s), {cfg.epochs} epoch(s)"))
     train_cfg = dataclasses.replace(learner.lora_cfg, epochs=cfg.epochs, lr=cfg.lr or learner.lora_cfg.lr, seed=seed)
-    last = [time.monotonic()]
 
     def on_step(step: int, total: int, loss: float) -> None:
         if should_stop():
             raise Abandoned(f"stop requested at training step {step}/{total}")
-        if step == 1 or step == total or time.monotonic() - last[0] >= 5:
-            say(f"consolidating: step {step}/{total}, loss {loss:.3f}")
-            last[0] = time.monotonic()
+        on_event(Event("consolidate", ADVANCE, "consolidating", done=step, total=total, loss=loss))
 
     lora.copy_adapter(learner.model, KNOWLEDGE, TRIAL)
     try:
@@ -245,17 +240,20 @@ def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress,
                             progress=on_step)
     finally:
         learner.model.set_adapter(KNOWLEDGE)
+    on_event(Event("consolidate", END, tokens=result.tokens, steps=result.steps, loss=result.final_loss))
     return result, n_replay, n_dreams
 
 
-def _merge_versions(learner, mix: Mix, cfg: SleepConfig, seed: int, say: Progress) -> None:
-    say(f"merging {len(mix.versions)} versions ({cfg.merge_type}): {', '.join(mix.versions)}")
+def _merge_versions(learner, mix: Mix, cfg: SleepConfig, seed: int, on_event: OnEvent) -> None:
+    on_event(Event("consolidate", START, f"merging {len(mix.versions)} versions ({cfg.merge_type}): "
+                                         f"{', '.join(mix.versions)}"))
     states = []
     for vid in mix.versions:
         learner.registry.load_into(learner.model, TRIAL, vid)  # checks the file's sha256
         states.append(lora.snapshot(learner.model, TRIAL))
     merge_into(learner.model, TRIAL, states, mix.weights, cfg.merge_type, density=cfg.density, seed=seed)
     learner.model.set_adapter(KNOWLEDGE)
+    on_event(Event("consolidate", END))
 
 
 # ------------------------------------------------------------------- the phase
@@ -270,147 +268,173 @@ def record_skip(store, cfg: SleepConfig, trigger: str, reason: str, parent_id: s
     return SleepReport(sleep_id, "skipped", reason, None, {}, None, {}, policy=cfg.policy, parent_id=parent_id)
 
 
+@dataclass
+class _Sleep:
+    """One sleep in progress: what it started from and what it has recorded so far."""
+
+    learner: object
+    cfg: SleepConfig
+    trigger: str
+    on_event: OnEvent
+    should_stop: Callable[[], bool]
+    now: float | None
+    parent_id: str | None = None
+    learned: list[int] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    row: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def finished(self) -> float | None:
+        return None if self.now is None else self.now + (time.perf_counter() - self.t_start)
+
+    def report(self, sleep_id: int | None, outcome: str, reason: str, after: dict | None = None,
+               adapter_id: str | None = None, **extra) -> SleepReport:
+        return SleepReport(sleep_id, outcome, reason, adapter_id, self.before, after, self.timings,
+                           policy=self.cfg.policy, parent_id=self.parent_id, **extra)
+
+    def record(self, outcome: str, reason: str, **fields) -> int:
+        return self.learner.store.record_sleep({**self.row, "outcome": outcome, "reason": reason,
+                                                "before": self.before, "timings": self.timings, **fields},
+                                               now=self.finished())
+
+
 def sleep_phase(learner, cfg: SleepConfig, editor_cfg=None, trigger: str = "manual",
-                progress: Progress | None = None, should_stop: Callable[[], bool] = lambda: False,
+                on_event: OnEvent = ignore, should_stop: Callable[[], bool] = lambda: False,
                 now: float | None = None) -> SleepReport:
     """One sleep. Returns what happened; the store has it all (except an abandoned
     sleep, which records nothing but an event, so that the schedule runs it again)."""
-    say = progress or (lambda _msg: None)
-    store, registry, model = learner.store, learner.registry, learner.model
-    t_start = time.perf_counter()
-    started = time.time() if now is None else now
-
-    def finished() -> float | None:
-        return None if now is None else now + (time.perf_counter() - t_start)
-
+    store, registry = learner.store, learner.registry
     parent = registry.active(KNOWLEDGE)
-    parent_id = parent["id"] if parent else None
-    learned = store.learned_passages()
-    if not learned:
-        return record_skip(store, cfg, trigger, "no learned passage yet", parent_id, now=now)
-    order = commit_order(learner, learned)
+    run = _Sleep(learner, cfg, trigger, on_event, should_stop, now, parent["id"] if parent else None,
+                 store.learned_passages())
+    if not run.learned:
+        return record_skip(store, cfg, trigger, "no learned passage yet", run.parent_id, now=now)
     versions = [a["id"] for a in registry.list(KNOWLEDGE)
                 if a["status"] == "committed" and (parent is None or a["version"] <= parent["version"])]
     seed = cfg.seed + 7919 * store.counts().get("sleeps", 0)  # each sleep samples anew
-    mix = consolidations.get(cfg.policy).plan(order, versions, cfg, seed)
+    mix = consolidations.get(cfg.policy).plan(commit_order(learner, run.learned), versions, cfg, seed)
     if mix.empty:
-        return record_skip(store, cfg, trigger, mix.note or "nothing to consolidate", parent_id, now=now)
-
-    timings: dict[str, float] = {}
-    row = {"started_at": started, "trigger": trigger, "policy": cfg.policy, "parent_adapter": parent_id,
-           "n_examples": 0, "n_dreams": 0}
-    before: dict = {}
+        return record_skip(store, cfg, trigger, mix.note or "nothing to consolidate", run.parent_id, now=now)
+    run.row = {"started_at": time.time() if now is None else now, "trigger": trigger, "policy": cfg.policy,
+               "parent_adapter": run.parent_id, "n_examples": 0, "n_dreams": 0}
     try:
-        # 1. before: every learned passage's probes, drift, memorisation (a matrix row)
-        say(f"sleep ({cfg.policy}): measuring {len(learned)} learned passage(s) before")
-        t0 = time.perf_counter()
-        b = measure(learner, KNOWLEDGE, learned, cfg, should_stop)
-        _write_measures(store, parent_id, b)
-        before = b.summary
-        timings["measure_before"] = time.perf_counter() - t0
-
-        # 2. consolidate into the scratch adapter
-        t0 = time.perf_counter()
-        result = None
-        if consolidations.get(cfg.policy).trains:
-            result, row["n_examples"], row["n_dreams"] = _train_mix(learner, mix, cfg, seed, say, should_stop, timings)
-            row["train_loss"] = result.final_loss
-        else:
-            _merge_versions(learner, mix, cfg, seed, say)
-        timings["consolidate"] = time.perf_counter() - t0 - timings.get("dream", 0.0)
-        if should_stop():
-            raise Abandoned("stop requested after consolidating")
-
-        # 3. after, on the consolidated weights
-        if result is not None and result.nan:
-            keep, reason, after = False, "non-finite training loss: consolidation aborted", None
-        else:
-            say("measuring after")
-            t0 = time.perf_counter()
-            a = measure(learner, TRIAL, learned, cfg, should_stop)
-            after = a.summary
-            timings["measure_after"] = time.perf_counter() - t0
-            # 4. the gate
-            keep, reason = gate(before, after, cfg)
-        if should_stop():
-            raise Abandoned("stop requested before the commit")
+        keep, reason, after = _consolidate_and_gate(run, mix, seed)
     except Abandoned as e:
         learner.reload_active()
         store.log_event("sleep_abandoned", {"policy": cfg.policy, "trigger": trigger, "reason": str(e)})
         log.info("sleep abandoned: %s", e)
-        return SleepReport(None, "abandoned", str(e), None, before, None, timings, policy=cfg.policy,
-                           parent_id=parent_id)
+        return run.report(None, "abandoned", str(e))
     except Exception as e:  # a bug or a broken adapter file: record it, keep what was active
         log.exception("sleep failed")
         learner.reload_active()
         reason = f"{type(e).__name__}: {e}"
-        sleep_id = store.record_sleep({**row, "outcome": "failed", "reason": reason, "before": before,
-                                       "timings": timings}, now=finished())
-        return SleepReport(sleep_id, "failed", reason, None, before, None, timings, policy=cfg.policy,
-                           parent_id=parent_id)
+        return run.report(run.record("failed", reason), "failed", reason)
 
-    say(("keeping: " if keep else "rolling back: ") + reason)
-    report_row = {**row, "reason": reason, "before": before, "after": after}
-    sleep_ids: list[int] = []
-    adapter_id = None
-    if keep:
-        t0 = time.perf_counter()
-
-        def record(new_id: str) -> None:
-            timings["commit"] = time.perf_counter() - t0
-            sleep_ids.append(store.record_sleep({**report_row, "outcome": "kept", "adapter_id": new_id,
-                                                 "timings": timings}, now=finished()))
-            _write_measures(store, new_id, a)
-
-        try:
-            adapter_id = registry.commit(
-                model, TRIAL, name=KNOWLEDGE, kind="sleep", parent_id=parent_id, passage_id=None,
-                policy=cfg.policy, reward=None,
-                metrics={"sleep": True, "retention_before": before["retention"], "retention_after": after["retention"],
-                         "drift_kl_before": before["drift_kl"], "drift_kl_after": after["drift_kl"]},
-                in_transaction=record,
-            )
-        except Exception as e:
-            log.exception("sleep commit failed")
-            learner.reload_active()
-            reason = f"commit failed: {type(e).__name__}: {e}"
-            sleep_id = store.record_sleep({**report_row, "outcome": "failed", "reason": reason, "timings": timings},
-                                          now=finished())
-            return SleepReport(sleep_id, "failed", reason, None, before, after, timings, policy=cfg.policy,
-                               parent_id=parent_id)
-        lora.copy_adapter(model, TRIAL, KNOWLEDGE)  # the live adapter is the committed one now
-        model.set_adapter(KNOWLEDGE)
-        outcome = "kept"
-    else:
-        sleep_ids.append(store.record_sleep({**report_row, "outcome": "rolled_back", "timings": timings},
-                                            now=finished()))
-        outcome = "rolled_back"
-    report = SleepReport(sleep_ids[0], outcome, reason, adapter_id, before, after, timings, policy=cfg.policy,
-                         parent_id=parent_id, n_examples=row["n_examples"], n_dreams=row["n_dreams"],
-                         train_loss=row.get("train_loss"))
-    log.info("sleep %s %s%s: %s", report.sleep_id, outcome, f" -> {adapter_id}" if adapter_id else "", reason)
+    on_event(Event("gate", END, ("keeping: " if keep else "rolling back: ") + reason))
+    report = _commit(run, reason, after) if keep else \
+        run.report(run.record("rolled_back", reason, after=after and after.summary), "rolled_back", reason,
+                   after and after.summary, n_examples=run.row["n_examples"], n_dreams=run.row["n_dreams"],
+                   train_loss=run.row.get("train_loss"))
+    log.info("sleep %s %s%s: %s", report.sleep_id, report.outcome,
+             f" -> {report.adapter_id}" if report.adapter_id else "", report.reason)
 
     # 5. ReST-EM on the editor: its own round, recorded on its own; never undoes the above
-    if editor_cfg is not None and cfg.restem and getattr(editor_cfg, "enabled", True) and not should_stop():
-        report = dataclasses.replace(report, editor=_editor_round(learner, editor_cfg, report.sleep_id, progress,
-                                                                  should_stop))
+    if (report.outcome in ("kept", "rolled_back") and editor_cfg is not None and cfg.restem
+            and getattr(editor_cfg, "enabled", True) and not should_stop()):
+        report = dataclasses.replace(report, editor=_editor_round(learner, editor_cfg, report.sleep_id,
+                                                                  on_event, should_stop))
     return report
 
 
-def _editor_round(learner, editor_cfg, sleep_id: int | None, progress: Progress | None,
+def _consolidate_and_gate(run: _Sleep, mix: Mix, seed: int) -> tuple[bool, str, Measures | None]:
+    """Steps 1-4: measure before, consolidate into the scratch adapter, measure after,
+    gate. Returns (keep, reason, the after-measures); raises Abandoned on a stop."""
+    learner, cfg, store, timings = run.learner, run.cfg, run.learner.store, run.timings
+    # 1. before: every learned passage's probes, drift, memorisation (a matrix row)
+    run.on_event(Event("measure", START, f"sleep ({cfg.policy}): measuring {len(run.learned)} learned passage(s) before"))
+    t0 = time.perf_counter()
+    b = measure(learner, KNOWLEDGE, run.learned, cfg, run.should_stop)
+    _write_measures(store, run.parent_id, b)
+    run.before = b.summary
+    timings["measure_before"] = time.perf_counter() - t0
+    run.on_event(Event("measure", END))
+
+    # 2. consolidate into the scratch adapter
+    t0 = time.perf_counter()
+    result = None
+    if consolidations.get(cfg.policy).trains:
+        result, run.row["n_examples"], run.row["n_dreams"] = _train_mix(learner, mix, cfg, seed, run.on_event,
+                                                                        run.should_stop, timings)
+        run.row["train_loss"] = result.final_loss
+    else:
+        _merge_versions(learner, mix, cfg, seed, run.on_event)
+    timings["consolidate"] = time.perf_counter() - t0 - timings.get("dream", 0.0)
+    if run.should_stop():
+        raise Abandoned("stop requested after consolidating")
+    if result is not None and result.nan:
+        return False, "non-finite training loss: consolidation aborted", None
+
+    # 3. after, on the consolidated weights; 4. the gate
+    run.on_event(Event("measure", START, "measuring after"))
+    t0 = time.perf_counter()
+    a = measure(learner, TRIAL, run.learned, cfg, run.should_stop)
+    timings["measure_after"] = time.perf_counter() - t0
+    run.on_event(Event("measure", END))
+    keep, reason = gate(run.before, a.summary, cfg)
+    if run.should_stop():
+        raise Abandoned("stop requested before the commit")
+    return keep, reason, a
+
+
+def _commit(run: _Sleep, reason: str, a: Measures) -> SleepReport:
+    """The gate kept it: files first (atomic), then the adapter row, the active pointer,
+    the sleep report and the after-measures in one transaction."""
+    learner, store, model = run.learner, run.learner.store, run.learner.model
+    before, after = run.before, a.summary
+    sleep_ids: list[int] = []
+    t0 = time.perf_counter()
+
+    def record(new_id: str) -> None:
+        run.timings["commit"] = time.perf_counter() - t0
+        sleep_ids.append(run.record("kept", reason, after=after, adapter_id=new_id))
+        _write_measures(store, new_id, a)
+
+    run.on_event(Event("commit", START))
+    try:
+        adapter_id = learner.registry.commit(
+            model, TRIAL, name=KNOWLEDGE, kind="sleep", parent_id=run.parent_id, passage_id=None,
+            policy=run.cfg.policy, reward=None,
+            metrics={"sleep": True, "retention_before": before["retention"], "retention_after": after["retention"],
+                     "drift_kl_before": before["drift_kl"], "drift_kl_after": after["drift_kl"]},
+            in_transaction=record,
+        )
+    except Exception as e:
+        log.exception("sleep commit failed")
+        learner.reload_active()
+        why = f"commit failed: {type(e).__name__}: {e}"
+        return run.report(run.record("failed", why, after=after), "failed", why, after)
+    lora.copy_adapter(model, TRIAL, KNOWLEDGE)  # the live adapter is the committed one now
+    model.set_adapter(KNOWLEDGE)
+    run.on_event(Event("commit", END))
+    return run.report(sleep_ids[0], "kept", reason, after, adapter_id, n_examples=run.row["n_examples"],
+                      n_dreams=run.row["n_dreams"], train_loss=run.row.get("train_loss"))
+
+
+def _editor_round(learner, editor_cfg, sleep_id: int | None, on_event: OnEvent,
                   should_stop: Callable[[], bool]) -> object:
     t = time.time()
     try:
         from .editor import restem_round
 
-        return restem_round(learner, editor_cfg, sleep_id, progress=progress, should_stop=should_stop)
+        return restem_round(learner, editor_cfg, sleep_id, on_event=on_event, should_stop=should_stop)
     except Exception as e:
         log.exception("ReST-EM round failed (the sleep's result stands)")
         reason = f"{type(e).__name__}: {e}"
         try:
             learner.reload_active()
             learner.load_editor()  # the live editor must equal the store's active version again
-            editor = learner.registry.active("editor")
+            editor = learner.registry.active(EDITOR)
             learner.store.record_editor_round({"sleep_id": sleep_id, "started_at": t, "outcome": "failed",
                                                "reason": reason, "parent_adapter": editor["id"] if editor else None})
         except Exception:

@@ -14,22 +14,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from adapters import lora
+from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
 from agent.bench_continual import _ingest
 from agent.bench_speed import (
     FlopMeter,
-    ReferenceLearner,
     attention_flops,
     attention_pairs,
     check_meter,
     matmul_flops,
-    merge_scores,
+    measured_learner,
     reference_train,
 )
+from agent.learner import Learner
 from agent.runtime import Runtime
-from agent.wake import KNOWLEDGE, TRIAL, Learner, WakeConfig
+from agent.wake import WakeConfig
 from policies.config import PolicyConfig
-from policies.reward import Scores
 from store import Store
 from tests.test_bench_continual import PASSAGES
 from tests.tiny import tiny_llama
@@ -45,14 +45,15 @@ def data_file(tmp_path: Path) -> Path:
     return path
 
 
-def _learner(tokenizer, tmp_path: Path, cls=Learner) -> Learner:
+def _learner(tokenizer, tmp_path: Path, mode: str = "optimised", pad_to: int = 2048) -> Learner:
     runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
     (tmp_path / "adapters").mkdir(parents=True, exist_ok=True)
     store = Store(tmp_path / "store.db")
     t, c, qa = PASSAGES[0]
     _ingest(store, [{"title": t, "context": c, "questions": [{"question": q, "answer": a} for q, a in qa]}])
-    return cls(runtime, store, AdapterRegistry(tmp_path / "adapters", store), lora.LoraConfig(rank=4, alpha=8, epochs=2),
-               PolicyConfig(), WakeConfig(answer_tokens=4))
+    return measured_learner(runtime, (store, AdapterRegistry(tmp_path / "adapters", store)),
+                            lora.LoraConfig(rank=4, alpha=8, epochs=2), PolicyConfig(), WakeConfig(answer_tokens=4),
+                            mode, pad_to)
 
 
 # ------------------------------------------------------------------ end to end
@@ -160,8 +161,7 @@ def test_reference_learner_builds_a_fresh_trainer_per_trial_and_scores_one_quest
             made.append(self)
 
     monkeypatch.setattr(transformers, "Trainer", Recording)
-    learner = _learner(tokenizer, tmp_path, ReferenceLearner)
-    learner.pad_to = 40
+    learner = _learner(tokenizer, tmp_path, "reference", pad_to=40)
     examples = [lora.Example("", "Brisk Tower stands in Amberlee.")]
     for seed in (1, 2):
         learner.trial(examples, seed)
@@ -179,14 +179,18 @@ def test_reference_learner_builds_a_fresh_trainer_per_trial_and_scores_one_quest
     assert calls == {"generate": [1] * len(qs), "loglik": [1] * len(qs)}
 
 
-def test_merge_scores_weights_by_questions():
-    a = Scores(accuracy=1.0, f1=1.0, logprob=-1.0, n=1, answers=("x",), correct=(True,), f1s=(1.0,), logprobs=(-1.0,))
-    b = Scores(accuracy=0.5, f1=0.25, logprob=-3.0, n=2, answers=("y", "z"), correct=(True, False), f1s=(0.5, 0.0),
-               logprobs=(-2.0, -4.0))
-    m = merge_scores([a, b])
-    assert m.n == 3 and m.answers == ("x", "y", "z") and m.correct == (True, True, False)
-    assert math.isclose(m.accuracy, 2 / 3) and math.isclose(m.f1, 0.5) and math.isclose(m.logprob, -7 / 3)
-    assert m.logprobs == (-1.0, -2.0, -4.0)
+def test_scoring_one_question_at_a_time_gives_the_batched_scores(tokenizer, tmp_path):
+    learner = _learner(tokenizer, tmp_path)
+    qs = learner.store.questions(1)
+    batched = learner.score(KNOWLEDGE, "Isle of Varn", qs)
+    learner.score_batch = 1
+    one_by_one = learner.score(KNOWLEDGE, "Isle of Varn", qs)
+    assert one_by_one.n == batched.n == len(qs) > 1
+    assert one_by_one.answers == batched.answers and one_by_one.correct == batched.correct
+    assert math.isclose(one_by_one.accuracy, batched.accuracy) and math.isclose(one_by_one.f1, batched.f1)
+    for a, b in zip(one_by_one.logprobs, batched.logprobs, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)  # one pass or a padded batch: float rounding only
+    assert math.isclose(one_by_one.logprob, sum(one_by_one.logprobs) / len(qs))
 
 
 # ------------------------------------------------------------------ counting FLOPs

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from adapters import lora
+from adapters.names import KNOWLEDGE
 from agent.config import Config
 from agent.daemon import (
     AlreadyRunning,
@@ -31,7 +32,6 @@ from agent.daemon import (
     stop_daemon,
 )
 from agent.home import Home
-from agent.wake import KNOWLEDGE
 from policies.config import PolicyConfig
 from policies.schedule import ScheduleConfig
 from store import Store
@@ -82,7 +82,7 @@ class FakeSleep:
         self.calls: list[dict] = []
         self.fail = fail
 
-    def __call__(self, learner, *, trigger, should_stop, progress=None):
+    def __call__(self, learner, *, trigger, should_stop, on_event=None):
         store = learner.store
         self.calls.append({"trigger": trigger, "commits": store.commits_since(None), "stop": should_stop()})
         if self.fail:
@@ -207,8 +207,8 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
     trial = learner.trial
     seen = []
 
-    def trial_then_stop(examples, seed, beat=None):
-        result = trial(examples, seed, beat)
+    def trial_then_stop(examples, seed, progress=None):
+        result = trial(examples, seed, progress)
         # the trial wrote weights; then SIGTERM arrives (the daemon's handler does this)
         lora.copy_adapter(learner.model, "trial", KNOWLEDGE)  # dirty the live adapter too
         seen.append(store.jobs(limit=5)[0])
@@ -487,7 +487,7 @@ def _ingest(home: Path, tiny_dir: Path, *docs) -> None:
 def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     try:
-        pid = _started_mid(home, tiny_dir, "trial 1/", "--set", "lora.epochs=150")
+        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=150")
         stop = _run(_cli(home, tiny_dir, "daemon", "stop", "--timeout", "60"))
         assert stop.stdout.strip() == f"seal daemon stopped (warm): pid {pid}"
     finally:
@@ -508,7 +508,7 @@ def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir)
         before = store.counts()
         second = next(j for j in store.jobs(limit=5) if j["state"] == "pending")["passage_id"]
     try:
-        pid = _started_mid(home, tiny_dir, "trial 1/", "--set", "lora.epochs=150")
+        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=150")
         os.kill(pid, signal.SIGKILL)
         _wait(lambda: running(Home(home)) is None, 10)
     finally:

@@ -20,11 +20,13 @@ import torch
 
 from adapters import lora
 from adapters.lora import Example, LoraConfig
+from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
 from agent.config import Config, ConfigError, load_config
 from agent.editor import EditorConfig, restem_round, sft, sft_examples
+from agent.learner import Learner
 from agent.runtime import Runtime
-from agent.wake import EDITOR, KNOWLEDGE, TRIAL, Learner, WakeConfig
+from agent.wake import WakeConfig
 from policies import self_edit as self_edits
 from policies.config import PolicyConfig
 from policies.reward import token_f1
@@ -176,7 +178,7 @@ def test_too_few_pairs_skips_and_records(tokenizer, tmp_path):
     # enough pairs, but nothing held out to measure on: skipped too, before any training
     seed_pairs(learner.store)
     sft_calls = []
-    r = restem_round(learner, FAST_EDITOR, None, progress=sft_calls.append)
+    r = restem_round(learner, FAST_EDITOR, None, on_event=sft_calls.append)
     assert (r.outcome, r.n_pairs) == ("skipped", len(FACTS)) and "held-out" in r.reason
     assert not sft_calls and learner.store.adapters(EDITOR) == []
     assert [x["outcome"] for x in learner.store.editor_rounds()] == ["skipped", "skipped"]
@@ -232,12 +234,14 @@ def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(read
 
     keep = dataclasses.replace(FAST_EDITOR, tolerance=1e9)  # whatever it measures, keep it
     steps = []
-    r = restem_round(learner, keep, sleep_id=3, progress=steps.append)
+    r = restem_round(learner, keep, sleep_id=3, on_event=steps.append)
     assert r.outcome == "kept" and r.adapter_id == "editor-0001" and r.parent_adapter is None
     assert r.n_pairs == len(FACTS) and r.n_heldout == 2 and r.sleep_id == 3
     assert sorted(r.detail["pairs"]) == sorted(p["candidate_id"] for p in store.restem_pairs(0.0, 100, 100))
     assert math.isfinite(r.train_loss) and math.isfinite(r.reward_before) and math.isfinite(r.reward_after)
-    assert any("SFT" in s for s in steps)
+    assert any(e.step == "sft" and "SFT" in e.message for e in steps)
+    advances = [e for e in steps if e.step == "sft" and e.phase == "advance"]
+    assert [e.done for e in advances] == list(range(1, keep.epochs + 1)) and advances[-1].total == keep.epochs
     losses = r.detail["losses"]
     assert len(losses) == r.detail["sft_steps"] == keep.epochs and losses[-1] < losses[0]  # 4 pairs: one step an epoch
     assert {h["passage_id"] for h in r.detail["heldout"]} == {pid_of(store, t) for t, _, _ in HELDOUT}

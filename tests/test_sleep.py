@@ -18,10 +18,11 @@ import torch
 
 from adapters import lora
 from adapters.merge import merge_into
+from adapters.names import KNOWLEDGE, TRIAL
 from agent import sleep as sleep_mod
 from agent import tracking
 from agent.sleep import SleepConfig, gate, sleep_phase
-from agent.wake import KNOWLEDGE, TRIAL, learn
+from agent.wake import learn
 from policies import consolidation
 from policies.consolidation import MERGE_TYPES, Dream, Merge, Replay, merge_weights, replay_sample
 from policies.self_edit import PassageOnly
@@ -460,8 +461,9 @@ def test_replay_brings_back_a_passage_that_a_later_update_made_the_model_forget(
     right after learning, -3.49), while the model drifts less from its base. Real
     SmolLM2-135M-Instruct, default LoRA settings, about a minute on 2 CPU cores."""
     from adapters.registry import AdapterRegistry
+    from agent.learner import Learner
     from agent.runtime import ModelConfig, Runtime
-    from agent.wake import Learner, WakeConfig
+    from agent.wake import WakeConfig
     from policies.config import PolicyConfig
 
     before = torch.get_num_threads()

@@ -10,9 +10,10 @@ import json
 import pytest
 
 from adapters import lora
+from adapters.names import KNOWLEDGE
 from agent import tracking
 from agent.tracking import forgetting_summary
-from agent.wake import KNOWLEDGE, learn
+from agent.wake import learn
 from policies.self_edit import PassageOnly, passage_text
 from store import Store
 from tests.test_wake import BRISK, FAST_WAKE, VARN, document, make_learner

@@ -372,22 +372,24 @@ def test_read_only_views_create_no_store(seal, home):
     assert not (Path(home) / "store.db").exists()
 
 
-def test_step_progress_moves_its_bar_from_step_messages(monkeypatch):
+def test_step_progress_moves_its_bar_from_step_events(monkeypatch):
     from agent import cli
+    from agent.events import Event
 
     term = Console(file=io.StringIO(), force_terminal=True, width=100)
     monkeypatch.setattr(cli, "err", term)
     with cli._StepProgress("sleeping") as progress:
-        progress("sleep (replay): measuring 3 learned passage(s) before")
+        progress(Event("measure", "start", "sleep (replay): measuring 3 learned passage(s) before"))
         task = progress.bar.tasks[0]
         assert task.total is None and task.description.startswith("sleep (replay): measuring")
-        progress("consolidating: step 4/30, loss 0.812")
+        progress(Event("consolidate", "advance", "consolidating", done=4, total=30, loss=0.812))
         assert (task.completed, task.total, task.description) == (4, 30, "consolidating")
-        progress("consolidating: step 30/30, loss 0.500")
-        progress("measuring after")
+        progress(Event("consolidate", "advance", "consolidating", done=30, total=30, loss=0.5))
+        progress(Event("consolidate", "end"))  # no message: the bar stays as it is
+        progress(Event("measure", "start", "measuring after"))
         assert (task.completed, task.total, task.description) == (30, 30, "measuring after")
-        progress("editor: step 2/10")  # another phase of steps: a fresh bar and ETA
-        assert (task.completed, task.total) == (2, 10)
+        progress(Event("sft", "advance", "editor SFT", done=2, total=10))  # another phase of steps: a fresh bar
+        assert (task.completed, task.total, task.description) == (2, 10, "editor SFT")
 
 
 def test_one_screen_of_a_given_size_and_its_svg(one, seal, tmp_path):

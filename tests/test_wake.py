@@ -25,9 +25,11 @@ import torch
 
 from adapters import lora
 from adapters.lora import LoraConfig, TrainResult
+from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
+from agent.learner import Learner
 from agent.runtime import Runtime
-from agent.wake import KNOWLEDGE, TRIAL, Learner, WakeConfig, learn
+from agent.wake import WakeConfig, learn
 from policies import reward, selection
 from policies.config import PolicyConfig
 from policies.questions import answer_prompt, split_roles
@@ -344,7 +346,7 @@ def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, hom
 
 
 def test_the_claim_is_heartbeaten_while_a_long_trial_trains(tokenizer, home, monkeypatch):
-    wake = WakeConfig(candidates=1, self_edit_tokens=16, answer_tokens=8, heartbeat_s=0.05)
+    wake = WakeConfig(candidates=1, self_edit_tokens=16, answer_tokens=8, claim_heartbeat_s=0.05)
     learner = make_learner(tokenizer, home, wake=wake)
     learner.store.ingest([document(*VARN)])
     batch_loss, train = lora._batch_loss, lora.train
@@ -373,7 +375,7 @@ def test_ctrl_c_gives_the_claim_back(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN)])
 
-    def interrupted(examples, seed, beat=None):
+    def interrupted(examples, seed, progress=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(learner, "trial", interrupted)
@@ -727,7 +729,7 @@ def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tin
     # skipped as adding nothing, and the cycle could commit before a later kill).
     proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "lora.epochs=300", "learn"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    kill_9_when(proc, "trial 1/")
+    kill_9_when(proc, "trial 1: passage")
 
     with Store(home / "store.db") as store:
         _check_intact(store, home, "knowledge-0001")
