@@ -9,7 +9,8 @@ passages, questions, jobs), ``learning`` (cycles, evaluations, adapters), ``slee
 (sleeps, editor rounds, tracking) and ``views`` (the UI's read-only queries).
 
 Every multi-row change runs inside ``db.atomic()``, so a crash leaves either all of it
-or none of it; a nested ``atomic()`` joins the outer transaction.
+or none of it; a nested ``atomic()`` joins the outer transaction. ``Store(":memory:")``
+is a private in-memory store (no file, no WAL), migrated like a file store.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 BUSY_TIMEOUT_S = 30.0
+MEMORY = ":memory:"
 
 
 class _Database(Database):
@@ -74,16 +76,19 @@ class _Database(Database):
 
 
 class Store(QueueStore, LearningStore, SleepStore, ViewStore):
-    """The seal store at ``path`` (created and migrated on open)."""
+    """The seal store at ``path`` (created and migrated on open); ``":memory:"`` for
+    one that lives only as long as this object."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S)
+        self.path = None if str(path) == MEMORY else Path(path)  # None: in memory
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path or MEMORY), timeout=BUSY_TIMEOUT_S)
         self.db = _Database(conn)
         self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.enable_wal()
+        if self.path is not None:  # WAL needs a file; memory has its own journal
+            self.db.enable_wal()
         migrations.apply(self.db)
 
     def close(self) -> None:
