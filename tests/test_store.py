@@ -1,0 +1,159 @@
+"""The store itself: an in-memory store works like a file store, multi-row writes are
+one transaction (nested ones join the outer), and a file store is WAL, waits on a
+busy timeout, and keeps its data and its migrations across reopening."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from store import IngestOutcome, Job, NewDocument, NewPassage, NewQuestion, Store
+from store.db import BUSY_TIMEOUT_S, JOB_STATES
+from store.migrations import migrations
+
+
+def _document(name: str, n_passages: int = 2) -> NewDocument:
+    passages = tuple(
+        NewPassage(
+            title=f"{name} {i}",
+            text=f"{name} fact number {i}.",
+            sha256=f"{name}-p{i}",
+            n_tokens=5,
+            questions=(NewQuestion(f"What is {name} fact {i}?", f"number {i}"),),
+        )
+        for i in range(n_passages)
+    )
+    return NewDocument(source=f"{name}.md", title=name, kind="md", sha256=f"{name}-doc", bytes=100,
+                       passages=passages)
+
+
+def _adapter(version: int, passage_id: int | None = None) -> dict:
+    return {"id": f"knowledge-{version:04d}", "name": "knowledge", "version": version, "kind": "wake",
+            "passage_id": passage_id, "path": f"knowledge-{version:04d}", "sha256": "ab" * 32,
+            "policy": "implications", "reward": 0.5, "metrics": {"probe_acc": 0.75}}
+
+
+def _applied(store: Store) -> list[tuple[str, str]]:
+    return [(m.name, m.applied_at) for m in migrations.applied(store.db)]
+
+
+@pytest.fixture
+def mem():
+    with Store(":memory:") as store:
+        yield store
+
+
+def test_a_memory_store_is_migrated_and_leaves_no_file(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with Store(":memory:") as store:
+        assert store.path is None
+        assert [name for name, _ in _applied(store)] == ["0001_ingest", "0002_learning", "0003_sleep"]
+        assert migrations.pending(store.db) == []
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "memory"
+        assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert set(store.counts()) >= {"documents", "passages", "jobs", "cycles", "adapters", "sleeps"}
+        store.set_state("k", "v")
+    assert list(tmp_path.iterdir()) == []
+    with Store(":memory:") as other:  # each memory store is its own database
+        assert other.get_state("k") is None
+
+
+def test_a_memory_store_round_trips_ingest_claim_cycle_and_adapter(mem: Store):
+    outcomes = mem.ingest([_document("alpha")], now=10.0)
+    assert outcomes == [IngestOutcome("alpha.md", "new", 1, 2, 0, 2)]
+    assert mem.ingest([_document("alpha")], now=11.0)[0].status == "duplicate"
+    assert [p["title"] for p in mem.passages()] == ["alpha 0", "alpha 1"]
+    assert mem.questions(1)[0]["answer"] == "number 0"
+    assert mem.queue_summary() == dict.fromkeys(JOB_STATES, 0) | {"pending": 2}
+
+    job = mem.claim_next("w1", now=12.0)
+    assert job == Job(id=1, passage_id=1, kind="learn", state="claimed", attempts=1, claimed_by="w1",
+                      heartbeat_at=12.0)
+    assert mem.holds_claim(job.id, "w1") and not mem.holds_claim(job.id, "w2")
+
+    def commit() -> None:
+        mem.record_cycle(
+            {"passage_id": 1, "job_id": job.id, "started_at": 12.0, "outcome": "committed",
+             "adapter_id": "knowledge-0001"},
+            [{"policy": "implications", "idx": 0, "text": "alpha implies beta", "reward_logprob": 0.5, "chosen": 1}],
+            [{"adapter_id": "knowledge-0001", "passage_id": 1, "kind": "probe", "accuracy": 0.75, "n": 4}],
+            job_id=job.id,
+            now=13.0,
+        )
+
+    mem.add_adapter(_adapter(1, passage_id=1), activate=True, also=commit, now=13.0)
+
+    assert mem.queue_summary()["done"] == 1 and mem.queue_summary()["pending"] == 1
+    (cycle,) = mem.cycles(passage_id=1)
+    assert cycle["outcome"] == "committed" and cycle["finished_at"] == 13.0
+    assert [c["text"] for c in mem.candidates(1)] == ["alpha implies beta"]
+    assert mem.learned_passages() == [1]
+    assert mem.adapter("knowledge-0001")["metrics"] == {"probe_acc": 0.75}
+    assert mem.active_adapter_id("knowledge") == "knowledge-0001"
+    assert mem.next_version("knowledge") == 2
+    (line,) = mem.lineage("knowledge")
+    assert line["title"] == "alpha 0" and line["probe_acc"] == 0.75
+    assert [e["kind"] for e in mem.events()] == ["commit", "ingest"]
+
+
+def test_a_failing_multi_row_write_leaves_nothing(mem: Store):
+    before = mem.counts()
+    broken = NewDocument(source="bad.md", title="bad", kind="md", sha256="bad-doc", bytes=1,
+                         passages=(NewPassage("bad", None, "bad-p0", 1),))  # text is NOT NULL
+    with pytest.raises(sqlite3.IntegrityError):
+        mem.ingest([_document("alpha"), broken])  # alpha's rows were already inserted
+    assert mem.counts() == before
+
+    def fail() -> None:
+        mem.log_event("inside", {})
+        raise RuntimeError("the files did not check out")
+
+    with pytest.raises(RuntimeError):
+        mem.add_adapter(_adapter(1), activate=True, also=fail)
+    assert mem.counts() == before
+    assert mem.active_adapter_id("knowledge") is None
+
+
+def test_nested_atomic_joins_the_outer_transaction(tmp_path: Path):
+    with Store(tmp_path / "store.db") as store:
+        with pytest.raises(RuntimeError):
+            with store.db.atomic():
+                store.set_state("a", "1")
+                store.ingest([_document("alpha")])  # its own atomic(): nested, so no commit
+                assert store.get_state("a") == "1" and len(store.passages()) == 2
+                raise RuntimeError("abandon")
+        assert store.get_state("a") is None and store.passages() == [] and store.events() == []
+
+        other = sqlite3.connect(tmp_path / "store.db")
+        try:
+            with store.db.atomic():
+                store.log_event("nested", {})
+                assert store.db.conn.in_transaction  # the inner exit did not commit
+                assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+            assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+        finally:
+            other.close()
+
+
+def test_a_file_store_is_wal_with_a_busy_timeout(tmp_path: Path):
+    path = tmp_path / "deeper" / "store.db"  # the folder is made on open
+    with Store(path) as store:
+        assert store.path == path and path.exists()
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] == int(BUSY_TIMEOUT_S * 1000)
+        assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_reopening_a_file_store_keeps_its_data_and_runs_no_migration_again(tmp_path: Path):
+    path = tmp_path / "store.db"
+    with Store(path) as store:
+        store.ingest([_document("alpha")], now=1.0)
+        store.add_adapter(_adapter(1, passage_id=1), activate=True, now=2.0)
+        applied, counts = _applied(store), store.counts()
+    with Store(path) as store:
+        assert _applied(store) == applied  # same names, same times: nothing re-ran
+        assert store.counts() == counts
+        assert store.active_adapter_id("knowledge") == "knowledge-0001"
+        assert [p["title"] for p in store.passages()] == ["alpha 0", "alpha 1"]
