@@ -26,6 +26,7 @@ margins, hyper-parameters) is tuned on the tune split only.
 
 from __future__ import annotations
 
+import gzip
 import json
 import platform
 import random
@@ -46,11 +47,12 @@ from policies.reward import Scores
 from store import Store
 
 from .config import Config
+from .datasets import default_squad_path
 from .learner import Learner
 from .runtime import Runtime
 from .trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candidate
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_dev.json"
+DEFAULT_DATA = default_squad_path()  # SQuAD v1.1 dev passages shipped with the package
 DEFAULT_POLICIES = ("implications", "rewrite", "self_qa", "qa_chat")
 
 
@@ -59,7 +61,15 @@ def split_of(title: str) -> str:
 
 
 def load_squad(path: Path) -> list[dict]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Passages with their questions from a SEAL-format JSON list or the official SQuAD
+    layout; a file whose name ends in ``.gz`` is read gzip-compressed."""
+    raw = Path(path).read_bytes()
+    if Path(path).name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError as e:  # cut short: say so as the other bad-file errors do
+            raise ValueError(f"truncated gzip data ({e})") from e
+    data = json.loads(raw.decode("utf-8"))
     if isinstance(data, dict) and "data" in data:  # official SQuAD layout
         data = [
             {"title": a["title"], "context": p["context"],

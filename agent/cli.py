@@ -945,7 +945,7 @@ def bench() -> None:
 
 
 @bench.command("squad")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON, or .json.gz (default: the SQuAD v1.1 dev passages shipped with seal)")
 @click.option("--passages", default=20, show_default=True, type=click.IntRange(min=1), help="passages drawn with the seed")
 @click.option("--seed", default=0, show_default=True, help="draws passages, splits questions, seeds sampling and training")
 @click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="eval", show_default=True,
@@ -1051,7 +1051,7 @@ def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, roun
 
 
 @bench.command("editor")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON, or .json.gz (default: the SQuAD v1.1 dev passages shipped with seal)")
 @click.option("--passages", default=8, show_default=True, type=click.IntRange(min=1), help="tune-split passages trained on")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="ReST-EM rounds")
 @click.option("--seed", default=0, show_default=True, help="draws passages, seeds sampling and training")
@@ -1159,7 +1159,7 @@ def _print_squad(result: dict) -> None:
 
 
 @bench.command("continual")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON, or .json.gz (default: the SQuAD v1.1 dev passages shipped with seal)")
 @click.option("--passages", default=8, show_default=True, type=click.IntRange(min=2), help="passages learned in sequence")
 @click.option("--sleep-every", default=4, show_default=True, type=click.IntRange(min=1), help="sleep after every N updates")
 @click.option("--sequences", default=1, show_default=True, type=click.IntRange(min=1), help="sequences (seeds seed, seed+1, ...)")
@@ -1254,7 +1254,7 @@ def _print_continual(result: dict) -> None:
 
 
 @bench.command("speed")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON (default: ../shared/data/squad_dev.json)")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON, or .json.gz (default: the SQuAD v1.1 dev passages shipped with seal)")
 @click.option("--seed", default=0, show_default=True, help="draws the passage, seeds sampling and training")
 @click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="tune", show_default=True,
               help="the split the passage is drawn from")

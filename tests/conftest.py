@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-SQUAD = REPO.parent / "shared" / "data" / "squad_dev.json"
+SQUAD = REPO / "tests" / "data" / "squad_small.json"  # 8 SQuAD dev passages (tests/data/README.md)
 
 
 @pytest.fixture
