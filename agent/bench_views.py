@@ -171,8 +171,8 @@ def run_views_bench(versions: int = 300, passages: int | None = None, repeat: in
                     say=lambda _msg: None) -> dict:
     """Build a synthetic home and time: building it, one snapshot, and rendering each
     panel (at each size), the dashboard, and the static views (unbounded height)."""
-    from .tui import Dashboard
-    from .views import (
+    from .ui.dashboard import Dashboard
+    from .ui.views import (
         PANELS,
         adapter_details,
         adapter_view,

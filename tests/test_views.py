@@ -15,8 +15,8 @@ from rich.console import Console
 
 from agent.bench_views import sample_log, sample_store
 from agent.home import Home
-from agent.tui import Dashboard, parse_keys
-from agent.views import (
+from agent.ui.dashboard import Dashboard, parse_keys
+from agent.ui.views import (
     PANELS,
     SHADES,
     LineagePanel,

@@ -29,7 +29,7 @@ from rich.text import Text
 
 from store import Store
 
-from .home import Home
+from ..home import Home
 
 KNOWLEDGE, EDITOR = "knowledge", "editor"
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -183,8 +183,8 @@ def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_li
                   now: float | None = None) -> Snapshot:
     """Read a snapshot. ``store`` is None when the home has no store yet (nothing is
     created: a viewer changes nothing)."""
-    from .daemon import daemon_status
-    from .tracking import forgetting_summary
+    from ..daemon import daemon_status
+    from ..tracking import forgetting_summary
 
     now = time.time() if now is None else now
     snap = Snapshot(home=str(home.root), taken_at=now)

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from store import Store
 
-from .home import Home
+from ..home import Home
 from .views import (
     PANELS,
     LineagePanel,
