@@ -413,7 +413,9 @@ def _store_or_none(app: App) -> Store | None:
 @pass_app
 def history(app: App, as_json: bool, name: str, tree: bool) -> None:
     """List adapter versions, newest first (* active, x rolled back, - pruned)."""
-    from .ui.views import history_table, panel, take_snapshot
+    from .ui.panels import panel
+    from .ui.snapshot import take_snapshot
+    from .ui.views import history_table
 
     store = _store_or_none(app)
     rows = store.adapter_history(name) if store else []
@@ -580,7 +582,8 @@ def tui(app: App, interval: float, once: bool, size: str | None, focus: str, svg
     candidates, the forgetting heatmap, reward/retention/memorisation over time, the
     daemon's log. Keys: 1-6/Tab panels, arrows select, Enter details, Esc back, q quit.
     It only reads; when stdout is not a terminal it prints once, as plain text."""
-    from .ui.views import static_dashboard, take_snapshot
+    from .ui.panels import static_dashboard
+    from .ui.snapshot import take_snapshot
 
     if size:
         import io
@@ -643,7 +646,8 @@ def show(app: App, adapter: str, as_json: bool, text_lines: int | None) -> None:
     """One adapter version: lineage, training data (passage and chosen self-edit, or
     the sleep's mix), candidates' rewards, evaluations, sha256 and files (checked).
     ADAPTER: an id (knowledge-0003), a version (3 or v3; e2 for the editor) or 'active'."""
-    from .ui.views import adapter_details, adapter_view, to_json
+    from .ui.fmt import to_json
+    from .ui.views import adapter_details, adapter_view
 
     row = _adapter_row(app, adapter)
     d = adapter_details(app.store, app.home.adapters, row["id"])
@@ -685,7 +689,8 @@ def candidates(app: App, passage: int, as_json: bool) -> None:
     """Every self-edit tried for PASSAGE (an id, see seal passages), in every cycle:
     rewards (answer log-likelihood, accuracy and F1 gains), training loss, which won,
     and the texts."""
-    from .ui.views import candidates_view, to_json
+    from .ui.fmt import to_json
+    from .ui.views import candidates_view
 
     store = _store_or_none(app)
     p = store.passage(passage) if store else None
@@ -861,7 +866,7 @@ def daemon_status(app: App, as_json: bool) -> None:
     import datetime as dt
 
     from .daemon import daemon_status as read_status
-    from .ui.views import next_sleep_text
+    from .ui.fmt import next_sleep_text
 
     s = read_status(app.home)
     if as_json:
