@@ -152,21 +152,22 @@ def adapter_details(store: Store, adapters_root: Path, adapter_id: str) -> dict 
     return detail
 
 
-def adapter_view(d: dict, text_lines: int | None = None) -> Group:
-    """`seal show ADAPTER` (and the TUI's details): the detail dict as text.
-    ``text_lines`` cuts the self-edit and passage texts (None: in full)."""
+def _cut(text: str, text_lines: int | None, style: str = "") -> Padding:
+    """A passage or self-edit text, indented: in full, or (``text_lines``) its first
+    wrapped lines (at 76 columns) and how many more there are."""
+    body = " ".join((text or "").split()) if text_lines is not None else (text or "").strip()
+    if text_lines is not None:
+        import textwrap
+
+        lines = textwrap.wrap(body, 76)
+        if len(lines) > text_lines:
+            body = "\n".join(lines[:text_lines] + [f"… ({len(lines) - text_lines} more lines)"])
+    return indented(body, 4, style)
+
+
+def _adapter_head(d: dict) -> list:
+    """The version's heading, then its lineage, policy, sha256 and files (checked)."""
     a = d["adapter"]
-
-    def cut(text: str, style: str = "") -> Padding:
-        body = " ".join((text or "").split()) if text_lines is not None else (text or "").strip()
-        if text_lines is not None:  # the first wrapped lines (at 76 columns), and how many more
-            import textwrap
-
-            lines = textwrap.wrap(body, 76)
-            if len(lines) > text_lines:
-                body = "\n".join(lines[:text_lines] + [f"… ({len(lines) - text_lines} more lines)"])
-        return indented(body, 4, style)
-
     status = "active" if d["active"] else a["status"].replace("_", " ")
     parts: list = [Text.assemble((a["id"], "bold"), f"  {a['kind']} version {a['version']} of {a['name']}, ",
                                  (status, "bold green" if d["active"] else "red" if a["status"] == "rolled_back" else "dim"),
@@ -188,19 +189,25 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
     kv.add_row("check", Text("files complete, sha256 matches", style="green") if not d["problem"]
                else Text(d["problem"], style="red"))
     parts.append(kv)
+    return parts
 
+
+def _training_data(d: dict, text_lines: int | None) -> list:
+    """What the version was trained on: a wake commit's passage and chosen self-edit,
+    a sleep's mix (with its before / after measures), an editor round's pairs."""
+    parts: list = []
     if d["passage"]:
         p = d["passage"]
         parts.append(Text.assemble("\n", ("training data", "bold underline"),
                                    f": passage #{p['id']} {p['title'] or ''} ({p['n_tokens'] or '?'} tokens)"))
-        parts.append(cut(p["text"], "dim"))
+        parts.append(_cut(p["text"], text_lines, "dim"))
         ch = d["chosen"]
         if ch:
             parts.append(Text.assemble(f"  + self-edit [{ch['idx']}] ", (ch["policy"], "bold"),
                                        f" (reward {num(ch['reward_logprob'], '+.3f')} answer log-lik, "
                                        f"{num(ch['reward_acc'], '+.2f')} accuracy)"))
             body = (ch["text"] or "").strip()
-            parts.append(cut(body) if body else indented("(the passage alone)", 4, "dim"))
+            parts.append(_cut(body, text_lines) if body else indented("(the passage alone)", 4, "dim"))
     if d["sleep"]:
         s = d["sleep"]
         b, af = s.get("before") or {}, s.get("after") or {}
@@ -225,6 +232,14 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
                                    f"loss {num(r['train_loss'], '.3f')}; held-out reward "
                                    f"{num(r['reward_before'], '+.4f')} -> {num(r['reward_after'], '+.4f')} "
                                    f"on {r['n_heldout'] or 0} passage(s)"))
+    return parts
+
+
+def _adapter_measures(d: dict) -> list:
+    """How the version did: its cycle's candidates and rewards, its evaluations, drift,
+    memorisation, and the events that name it."""
+    a = d["adapter"]
+    parts: list = []
     if d["candidates"]:
         cy = d["cycle"]
         parts.append(Text.assemble("\n", ("rewards", "bold underline"),
@@ -264,7 +279,13 @@ def adapter_view(d: dict, text_lines: int | None = None) -> Group:
         for e in d["events"][:10]:
             parts.append(Text(f"  {when(e['at'])} {e['kind']:<9} {e['detail']}", style="dim", no_wrap=True,
                               overflow="ellipsis"))
-    return Group(*parts)
+    return parts
+
+
+def adapter_view(d: dict, text_lines: int | None = None) -> Group:
+    """`seal show ADAPTER` (and the TUI's details): the detail dict as text.
+    ``text_lines`` cuts the self-edit and passage texts (None: in full)."""
+    return Group(*_adapter_head(d), *_training_data(d, text_lines), *_adapter_measures(d))
 
 
 def forgetting_text(s: dict, width: int = 80) -> list[str]:
