@@ -171,16 +171,15 @@ def run_views_bench(versions: int = 300, passages: int | None = None, repeat: in
                     say=lambda _msg: None) -> dict:
     """Build a synthetic home and time: building it, one snapshot, and rendering each
     panel (at each size), the dashboard, and the static views (unbounded height)."""
-    from .tui import Dashboard
-    from .views import (
-        PANELS,
+    from .ui.dashboard import Dashboard
+    from .ui.panels import PANELS, panel
+    from .ui.snapshot import take_snapshot
+    from .ui.views import (
         adapter_details,
         adapter_view,
         candidates_view,
         forgetting_view,
         history_table,
-        panel,
-        take_snapshot,
     )
 
     rows = []

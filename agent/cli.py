@@ -414,7 +414,9 @@ def _store_or_none(app: App) -> Store | None:
 @pass_app
 def history(app: App, as_json: bool, name: str, tree: bool) -> None:
     """List adapter versions, newest first (* active, x rolled back, - pruned)."""
-    from .views import history_table, panel, take_snapshot
+    from .ui.panels import panel
+    from .ui.snapshot import take_snapshot
+    from .ui.views import history_table
 
     store = _store_or_none(app)
     rows = store.adapter_history(name) if store else []
@@ -555,7 +557,7 @@ def forgetting(app: App, as_json: bool) -> None:
     if not s["passages"]:
         click.echo("nothing learned yet (seal learn)")
         return
-    from .views import forgetting_text, forgetting_view
+    from .ui.views import forgetting_text, forgetting_view
 
     if out.is_terminal:  # the heatmap, coloured by probe accuracy
         print_view(forgetting_view(s))
@@ -579,12 +581,13 @@ def tui(app: App, interval: float, once: bool, size: str | None, focus: str, svg
     candidates, the forgetting heatmap, reward/retention/memorisation over time, the
     daemon's log. Keys: 1-6/Tab panels, arrows select, Enter details, Esc back, q quit.
     It only reads; when stdout is not a terminal it prints once, as plain text."""
-    from .views import static_dashboard, take_snapshot
+    from .ui.panels import static_dashboard
+    from .ui.snapshot import take_snapshot
 
     if size:
         import io
 
-        from .tui import Dashboard
+        from .ui.dashboard import Dashboard
 
         try:
             width, height = (int(x) for x in size.lower().split("x"))
@@ -606,7 +609,7 @@ def tui(app: App, interval: float, once: bool, size: str | None, focus: str, svg
     if once or not out.is_terminal:
         print_view(static_dashboard(take_snapshot(app.home, _store_or_none(app))))
         return
-    from .tui import run as run_tui
+    from .ui.dashboard import run as run_tui
 
     run_tui(app.home, interval=interval)
 
@@ -642,7 +645,8 @@ def show(app: App, adapter: str, as_json: bool, text_lines: int | None) -> None:
     """One adapter version: lineage, training data (passage and chosen self-edit, or
     the sleep's mix), candidates' rewards, evaluations, sha256 and files (checked).
     ADAPTER: an id (knowledge-0003), a version (3 or v3; e2 for the editor) or 'active'."""
-    from .views import adapter_details, adapter_view, to_json
+    from .ui.fmt import to_json
+    from .ui.views import adapter_details, adapter_view
 
     row = _adapter_row(app, adapter)
     d = adapter_details(app.store, app.home.adapters, row["id"])
@@ -660,7 +664,7 @@ def show(app: App, adapter: str, as_json: bool, text_lines: int | None) -> None:
 def passages(app: App, as_json: bool, limit: int, state: str | None) -> None:
     """Ingested passages: questions, job state, and their latest wake cycle (candidates
     tried, best reward, chosen policy, the version it committed)."""
-    from .views import passages_table
+    from .ui.views import passages_table
 
     store = _store_or_none(app)
     rows = store.passage_overview(limit=-1, order="id", state=state) if store else []
@@ -684,7 +688,8 @@ def candidates(app: App, passage: int, as_json: bool) -> None:
     """Every self-edit tried for PASSAGE (an id, see seal passages), in every cycle:
     rewards (answer log-likelihood, accuracy and F1 gains), training loss, which won,
     and the texts."""
-    from .views import candidates_view, to_json
+    from .ui.fmt import to_json
+    from .ui.views import candidates_view
 
     store = _store_or_none(app)
     p = store.passage(passage) if store else None
@@ -860,7 +865,7 @@ def daemon_status(app: App, as_json: bool) -> None:
     import datetime as dt
 
     from .daemon import daemon_status as read_status
-    from .views import next_sleep_text
+    from .ui.fmt import next_sleep_text
 
     s = read_status(app.home)
     if as_json:

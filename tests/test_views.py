@@ -1,4 +1,4 @@
-"""The panels and static views (agent/views.py), rendered with capture consoles at 80
+"""The panels and static views (agent/ui), rendered with capture consoles at 80
 and 160 columns on a home without a store, an empty store, a store with one adapter
 and a store with hundreds of versions (built with Store methods: no model). Asserts
 on content: the right adapters, numbers and colours."""
@@ -15,18 +15,11 @@ from rich.console import Console
 
 from agent.bench_views import sample_log, sample_store
 from agent.home import Home
-from agent.tui import Dashboard, parse_keys
-from agent.views import (
-    PANELS,
-    SHADES,
-    LineagePanel,
-    acc_color,
-    lineage_rows,
-    panel,
-    shade,
-    sparkline,
-    take_snapshot,
-)
+from agent.ui.dashboard import Dashboard, parse_keys
+from agent.ui.fmt import SHADES, acc_color, shade, sparkline
+from agent.ui.panels import PANELS, panel
+from agent.ui.panels.lineage import LineagePanel, lineage_rows
+from agent.ui.snapshot import take_snapshot
 from store import NewDocument, NewPassage, NewQuestion, Store
 
 SIZES = [(80, 24), (160, 48)]

@@ -1,6 +1,6 @@
 """`seal tui`: a live dashboard of a seal home, refreshed from the store.
 
-The dashboard only reads (agent/views.py builds every panel from a snapshot). It
+The dashboard only reads (agent/ui/panels builds every panel from a snapshot). It
 fills the terminal it is given: at 80x24 the overview shows the daemon's status, the
 newest adapter versions and the sparklines; with more room it shows every panel at
 once (lineage, passages, forgetting heatmap, trends, log). Keys are read from the
@@ -34,18 +34,12 @@ from rich.text import Text
 
 from store import Store
 
-from .home import Home
-from .views import (
-    PANELS,
-    LineagePanel,
-    Snapshot,
-    adapter_details,
-    adapter_view,
-    candidates_view,
-    duration,
-    panel,
-    take_snapshot,
-)
+from ..home import Home
+from .fmt import duration
+from .panels import PANELS, panel
+from .panels.lineage import LineagePanel
+from .snapshot import Snapshot, take_snapshot
+from .views import adapter_details, adapter_view, candidates_view
 
 log = logging.getLogger(__name__)
 
