@@ -47,7 +47,7 @@ from policies.reward import Scores
 from store import Store
 
 from .config import Config
-from .datasets import default_squad_path
+from .datasets import data_id, default_squad_path
 from .learner import Learner
 from .runtime import Runtime
 from .trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candidate
@@ -158,7 +158,7 @@ def run_squad(
     pol = cfg.policies
     conds = ["base", "passage", *policies, f"best-of-{n_cand}", *editors, "open-book"]
     setup = {
-        "benchmark": "squad", "data": str(data_path), "split": split, "seed": seed, "planned": len(data),
+        "benchmark": "squad", "data": data_id(data_path), "split": split, "seed": seed, "planned": len(data),
         "conditions": conds,
         "config": {"lora": asdict(cfg.lora), "policies": asdict(pol), "wake": asdict(cfg.wake), "model": runtime.name},
         "editors": editor_info,

@@ -40,6 +40,7 @@ from store import NewDocument, NewPassage, NewQuestion, Store
 
 from .bench import draw, load_squad
 from .config import Config
+from .datasets import data_id
 from .learner import Learner
 from .runtime import Runtime
 from .wake import wake_cycle
@@ -130,7 +131,7 @@ def run_continual(
 
     def result() -> dict:
         return {
-            "benchmark": "continual", "data": str(data_path), "split": split, "seed": seed,
+            "benchmark": "continual", "data": data_id(data_path), "split": split, "seed": seed,
             "passages": passages, "sleep_every": sleep_every, "sequences": sequences,
             "conditions": list(conditions), "runs": runs, "summary": summarise(runs, conditions),
             "config": {"lora": dataclasses.asdict(cfg.lora), "policies": dataclasses.asdict(cfg.policies),

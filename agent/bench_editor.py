@@ -47,6 +47,7 @@ from store import Store
 
 from .bench import draw, load_squad, versions
 from .config import Config
+from .datasets import data_id
 from .editor import sft, sft_examples
 from .events import log_lines
 from .learner import Learner
@@ -140,7 +141,7 @@ def train_editors(
     names = list(names or [pol.self_edit] * cfg.wake.candidates)
     pool = [d for d in load_squad(data_path) if d["title"] not in exclude_titles]
     data = draw(pool, passages, seed, "tune")
-    setup = {"data": str(data_path), "seed": seed, "passages": [d["title"] for d in data], "names": names,
+    setup = {"data": data_id(data_path), "seed": seed, "passages": [d["title"] for d in data], "names": names,
              "lora": dataclasses.asdict(cfg.lora), "editor": dataclasses.asdict(ecfg),
              "policies": dataclasses.asdict(pol), "wake": dataclasses.asdict(cfg.wake), "model": runtime.name}
     result = {"benchmark": "editor", **setup, "versions": versions(), "rounds": []}

@@ -55,6 +55,7 @@ from store import Store
 from .bench import draw, load_squad
 from .bench_continual import _ingest
 from .config import Config
+from .datasets import data_id
 from .events import END, START, Event
 from .learner import Learner
 from .runtime import Runtime
@@ -538,7 +539,7 @@ def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, 
         shutil.rmtree(root, ignore_errors=True)
     q = passage["questions"]
     return {
-        "benchmark": "speed", "data": str(data_path), "split": split, "seed": seed,
+        "benchmark": "speed", "data": data_id(data_path), "split": split, "seed": seed,
         "passage": {"title": passage["title"], "questions": len(q), "words": len(passage["context"].split())},
         "candidates": wake_cfg.candidates, "epochs": lora_cfg.epochs, "configured_epochs": cfg.lora.epochs,
         "pad_to": pad_to, "reference_lr": SEAL_LR,

@@ -205,3 +205,17 @@ def test_cli_refuses_bad_input(seal, tmp_path, data_file):
 
 def test_split_is_by_title_hash():
     assert split_of("x") == ("tune" if zlib.crc32(b"x") % 5 == 0 else "eval")
+
+
+def test_the_data_is_recorded_by_name_and_content_not_by_path(tmp_path):
+    import gzip
+
+    from agent.datasets import data_id, default_squad_path
+
+    shipped = default_squad_path()
+    copy = tmp_path / "elsewhere" / "squad_dev.json"
+    copy.parent.mkdir()
+    copy.write_bytes(gzip.decompress(shipped.read_bytes()))
+    assert data_id(copy) == data_id(shipped) and data_id(shipped).startswith("squad_dev.json sha256:")
+    copy.write_text(copy.read_text(encoding="utf-8").replace("Super Bowl", "Super Bowl!", 1), encoding="utf-8")
+    assert data_id(copy) != data_id(shipped)  # other passages: another id
