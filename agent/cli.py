@@ -971,7 +971,8 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
 
     from policies import self_edit as self_edits
 
-    from .bench import DEFAULT_DATA, draw, load_squad, run_squad
+    from .bench.common import DEFAULT_DATA, draw, load_squad
+    from .bench.squad import run_squad
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -1017,7 +1018,7 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
 def _train_editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
                    names: tuple[str, ...] | None, exclude: set[str]) -> dict:
     """`bench_editor.train_editors` with a progress bar over passages x rounds."""
-    from .bench_editor import train_editors
+    from .bench.editor import train_editors
 
     with _progress(passages * rounds) as (say, tick):
         done = [0]
@@ -1036,7 +1037,7 @@ def _train_editors(app: App, path: Path, out_dir: Path, passages: int, seed: int
 def _editors(app: App, path: Path, out_dir: Path, passages: int, seed: int, rounds: int,
              exclude: set[str]) -> tuple[dict, dict]:
     """Train (or, when done before, read back) the ReST-EM editors of ``bench squad``."""
-    from .bench_editor import RESULT, load_editors
+    from .bench.editor import RESULT, load_editors
 
     names = None
     saved = out_dir / RESULT
@@ -1067,7 +1068,7 @@ def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, se
     """ReST-EM on the editor (tune split), and the selection rules replayed on round 1's trials."""
     from policies import self_edit as self_edits
 
-    from .bench import DEFAULT_DATA, draw, load_squad
+    from .bench.common import DEFAULT_DATA, draw, load_squad
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -1087,7 +1088,7 @@ def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, se
 def _print_editor(result: dict, study: bool = False, policies=None) -> None:
     from rich.table import Table
 
-    from .bench_editor import selection_study, study_rules
+    from .bench.editor import selection_study, study_rules
 
     table = Table(title=f"ReST-EM on the editor, {len(result['passages'])} tune passages (seed {result['seed']})",
                   box=None, pad_edge=False, title_justify="left")
@@ -1173,8 +1174,8 @@ def _print_squad(result: dict) -> None:
 def bench_continual(app: App, data_path: str | None, passages: int, sleep_every: int, sequences: int, seed: int,
                     split: str, conditions: str, out_path: str | None) -> None:
     """Learn passages in sequence; the forgetting matrix with and without sleep and dreams."""
-    from .bench import DEFAULT_DATA
-    from .bench_continual import CONDITIONS, dumps, plot, run_continual
+    from .bench.common import DEFAULT_DATA
+    from .bench.continual import CONDITIONS, dumps, plot, run_continual
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -1271,8 +1272,8 @@ def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidat
                 pad_to: int, matmul_n: int, out_path: str | None) -> None:
     """One wake cycle step by step (time, tokens, FLOP/s against the machine's measured
     matmul FLOP/s, peak memory), beside the same cycle with SEAL's reference settings."""
-    from .bench import DEFAULT_DATA
-    from .bench_speed import SpeedError, dumps, run_speed
+    from .bench.common import DEFAULT_DATA
+    from .bench.speed import SpeedError, dumps, run_speed
 
     for name, value, least in (("--candidates", candidates, 1), ("--epochs", epochs, 1), ("--pad-to", pad_to, 2),
                                ("--matmul-size", matmul_n, 16)):
@@ -1298,7 +1299,7 @@ def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidat
 def _print_speed(result: dict) -> None:
     import textwrap
 
-    from .bench_speed import render
+    from .bench.speed import render
 
     for piece in render(result):
         if isinstance(piece, str):
@@ -1315,7 +1316,7 @@ def _print_speed(result: dict) -> None:
 def bench_views(versions: int, passages: int | None, repeat: int, out_path: str | None) -> None:
     """Render time of every dashboard panel and static view on a synthetic store with
     hundreds of versions (no model needed)."""
-    from .bench_views import run_views_bench
+    from .bench.views import run_views_bench
 
     with _progress(1) as (say, _tick):
         result = run_views_bench(versions, passages, repeat, say=say)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent.bench_views import sample_log, sample_store
+from agent.bench.views import sample_log, sample_store
 from agent.home import Home
 from agent.tui import Dashboard, parse_keys
 from agent.views import (

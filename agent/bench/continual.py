@@ -37,10 +37,10 @@ from pathlib import Path
 from adapters.registry import AdapterRegistry
 from store import NewDocument, NewPassage, NewQuestion, Store
 
-from .bench import draw, load_squad
-from .config import Config
-from .runtime import Runtime
-from .wake import KNOWLEDGE, Learner, wake_cycle
+from ..config import Config
+from ..runtime import Runtime
+from ..wake import KNOWLEDGE, Learner, wake_cycle
+from .common import draw, load_squad
 
 CONDITIONS = {
     "no-sleep": None,  # condition -> consolidation policy of its sleeps
@@ -114,8 +114,8 @@ def run_continual(
     import torch
     import transformers
 
-    from .sleep import sleep_phase
-    from .tracking import memorisation
+    from ..sleep import sleep_phase
+    from ..tracking import memorisation
 
     wake_cfg = dataclasses.replace(cfg.wake, forgetting_sample=0, seed=seed)
     if any(f.name == "track" for f in dataclasses.fields(wake_cfg)):

@@ -45,11 +45,11 @@ from policies.questions import split_roles
 from policies.reward import Scores
 from store import Store
 
-from .bench import draw, load_squad, versions
-from .config import Config
-from .editor import sft, sft_examples
-from .runtime import Runtime
-from .wake import EDITOR, KNOWLEDGE, TRIAL, Learner
+from ..config import Config
+from ..editor import sft, sft_examples
+from ..runtime import Runtime
+from ..wake import EDITOR, KNOWLEDGE, TRIAL, Learner
+from .common import draw, load_squad, versions
 
 RESULT = "editor.json"
 GENERATING = ("implications", "rewrite", "self_qa", "qa_chat")

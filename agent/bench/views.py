@@ -22,7 +22,7 @@ from rich.console import Console
 
 from store import NewDocument, NewPassage, NewQuestion, Store
 
-from .home import Home
+from ..home import Home
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,8 @@ def run_views_bench(versions: int = 300, passages: int | None = None, repeat: in
                     say=lambda _msg: None) -> dict:
     """Build a synthetic home and time: building it, one snapshot, and rendering each
     panel (at each size), the dashboard, and the static views (unbounded height)."""
-    from .tui import Dashboard
-    from .views import (
+    from ..tui import Dashboard
+    from ..views import (
         PANELS,
         adapter_details,
         adapter_view,
