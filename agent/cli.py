@@ -25,19 +25,13 @@ from rich.text import Text
 from store import Store
 from store.db import JOB_STATES
 
-from .config import (
-    Config,
-    ConfigError,
-    config_items,
-    load_config,
-    parse_overrides,
-    resolve_home,
-    to_toml,
-)
+from .app import Parts
+from .config import Config, load_config
 from .home import Home
 from .ingest import STDIN, IngestError
 from .ingest import prepare as prepare_documents
 from .runtime import ModelError, Runtime
+from .settings import ConfigError, config_items, parse_overrides, resolve_home, to_toml
 
 log = logging.getLogger(__name__)
 out = Console(soft_wrap=True)
@@ -46,39 +40,32 @@ err = Console(stderr=True, soft_wrap=True)
 
 @dataclass
 class App:
-    """What every command needs, opened lazily so that `--help` and light commands stay fast."""
+    """What every command needs: the configuration and this home's parts
+    (``agent.app.Parts``: store, registry, runtime, learner, each built on first use)."""
 
     home: Home
     cfg: Config
-    _store: Store | None = field(default=None, repr=False)
+    parts: Parts = field(init=False, repr=False)
     _runtime: Runtime | None = field(default=None, repr=False)
-    _learner: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.parts = Parts(self.home, self.cfg)
 
     @property
     def store(self) -> Store:
-        if self._store is None:
-            self.home.ensure()
-            self._store = Store(self.home.store_file)
-        return self._store
+        return self.parts.store
 
     @property
     def runtime(self) -> Runtime:
         if self._runtime is None:
             with err.status(f"loading model {self.cfg.model.path or '(default: SmolLM2-135M-Instruct)'}..."):
-                self._runtime = Runtime.load(self.cfg.model)
+                self._runtime = self.parts.runtime
         return self._runtime
-
 
     @property
     def learner(self):
-        from adapters.registry import AdapterRegistry
-
-        from .wake import Learner
-
-        if self._learner is None:
-            registry = AdapterRegistry(self.home.adapters, self.store)
-            self._learner = Learner(self.runtime, self.store, registry, self.cfg.lora, self.cfg.policies, self.cfg.wake)
-        return self._learner
+        _ = self.runtime  # the model loads first, under its status line
+        return self.parts.learner
 
 
 pass_app = click.make_pass_decorator(App)
@@ -130,7 +117,7 @@ def main(ctx: click.Context, home: str | None, overrides: tuple[str, ...], model
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     ctx.obj = App(Home(root), cfg)
-    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+    ctx.call_on_close(ctx.obj.parts.close)
 
 
 # ---------------------------------------------------------------------------- config
@@ -310,7 +297,7 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
 def _refuse_beside_daemon(app: App, what: str) -> None:
     """One worker per home: a foreground learn or sleep beside a running daemon would
     race it for version numbers (and its recovery could remove the daemon's fresh files)."""
-    from .daemon import running
+    from .daemon.process import running
 
     info = running(app.home)
     if info is not None:
@@ -706,11 +693,9 @@ def rollback(app: App, adapter: str) -> None:
     """Make ADAPTER the active version of its adapter (newer versions are marked rolled
     back; nothing is deleted; `seal rollback` to a newer one goes forward again).
     Recorded as an event. Refuses beside a running daemon."""
-    from adapters.registry import AdapterRegistry
-
     row = _adapter_row(app, adapter)
     _refuse_beside_daemon(app, "learning")
-    registry = AdapterRegistry(app.home.adapters, app.store)
+    registry = app.parts.registry
     problem = registry.verify(row["id"])
     if problem:
         fail(f"cannot roll back: {problem}")
@@ -738,12 +723,11 @@ def export(app: App, adapter: str, dest: str, merged: bool, dtype: str) -> None:
 
     from adapters.export import export_adapter, export_merged
     from adapters.lora import AdapterError
-    from adapters.registry import AdapterRegistry
 
     from .runtime import resolve_model_dir
 
     row = _adapter_row(app, adapter)
-    registry = AdapterRegistry(app.home.adapters, app.store)
+    registry = app.parts.registry
     problem = registry.verify(row["id"])
     if problem:
         fail(f"cannot export: {problem}")
@@ -776,13 +760,11 @@ def prune(app: App, keep: int, dry_run: bool, as_json: bool) -> None:
     and those referenced (the parent of a sleep checkpoint or editor version). Sleep
     checkpoints and editor versions are never removed; rows stay (marked pruned) and
     the removal is recorded as an event. Refuses beside a running daemon."""
-    from adapters.registry import AdapterRegistry
-
     if _store_or_none(app) is None:
         click.echo('{"removed": [], "kept": {}}' if as_json else "nothing to prune: no adapters yet")
         return
     _refuse_beside_daemon(app, "learning")
-    registry = AdapterRegistry(app.home.adapters, app.store)
+    registry = app.parts.registry
     plan = registry.prune_plan(keep) if dry_run else registry.prune(keep)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": plan.remove, "kept": plan.kept, "bytes": plan.bytes},
@@ -812,7 +794,7 @@ def daemon_start(app: App, wait_s: float) -> None:
     """Start the daemon in the background (logs to <home>/logs/daemon.log).
 
     It runs `seal daemon run` detached, with the same --home, --set and --model."""
-    from .daemon import DaemonError, already_running, running, start_detached
+    from .daemon.process import DaemonError, already_running, running, start_detached
 
     holder = running(app.home)
     if holder:
@@ -843,7 +825,7 @@ def daemon_start(app: App, wait_s: float) -> None:
 def daemon_stop(app: App, timeout_s: float | None, now: bool) -> None:
     """Stop the daemon: it finishes or safely abandons its current step (warm);
     after --timeout, or with --now, it stops at once (cold)."""
-    from .daemon import DaemonError, stop_daemon
+    from .daemon.process import DaemonError, stop_daemon
 
     try:
         pid, how = stop_daemon(app.home, app.cfg.daemon.stop_timeout_s if timeout_s is None else timeout_s, now=now)
@@ -860,7 +842,7 @@ def daemon_status(app: App, as_json: bool) -> None:
     adapter, queue, last heartbeat, next sleep. Exits 3 when it does not run."""
     import datetime as dt
 
-    from .daemon import daemon_status as read_status
+    from .daemon.process import daemon_status as read_status
     from .views import next_sleep_text
 
     s = read_status(app.home)
@@ -914,16 +896,17 @@ def daemon_run(app: App, burst: bool, detached: bool) -> None:
 
     SIGTERM or Ctrl-C stops it warm (the current step finishes or is safely
     abandoned); a second one stops it at once."""
-    from .daemon import AlreadyRunning, Daemon, DaemonLock, log_to_file, pid_info
+    from .app import build_daemon
+    from .daemon.process import AlreadyRunning, DaemonLock, log_to_file, pid_info
 
     lock = DaemonLock(app.home)
     try:
-        lock.acquire(pid_info(app.home, app.cfg))
+        lock.acquire(pid_info(app.home, app.cfg.model.path))
     except AlreadyRunning as e:
         fail(str(e))
     with lock:
         log_to_file(app.home, detached=detached)
-        d = Daemon(app.home, app.cfg, handle_signals=True)
+        d = build_daemon(app.home, app.cfg, handle_signals=True)
         if not burst:
             code = d.serve()
             if code:

@@ -600,7 +600,8 @@ def _perturbed(key: str, value: object) -> str | None:
 
 
 def test_every_setting_round_trips_through_seal_toml(seal, home):
-    from agent.config import Config, config_items, load_config
+    from agent.config import Config, load_config
+    from agent.settings import config_items
 
     flags = []
     for key, value, _ in config_items(Config()):
@@ -620,7 +621,8 @@ def test_every_setting_round_trips_through_seal_toml(seal, home):
 
 
 def test_every_config_field_has_help():
-    from agent.config import Config, config_items
+    from agent.config import Config
+    from agent.settings import config_items
 
     assert [k for k, _, h in config_items(Config()) if not h] == []
 
