@@ -373,11 +373,11 @@ def test_read_only_views_create_no_store(seal, home):
 
 
 def test_step_progress_moves_its_bar_from_step_messages(monkeypatch):
-    from agent import cli
+    from agent import commands
 
     term = Console(file=io.StringIO(), force_terminal=True, width=100)
-    monkeypatch.setattr(cli, "err", term)
-    with cli._StepProgress("sleeping") as progress:
+    monkeypatch.setattr(commands, "err", term)
+    with commands._StepProgress("sleeping") as progress:
         progress("sleep (replay): measuring 3 learned passage(s) before")
         task = progress.bar.tasks[0]
         assert task.total is None and task.description.startswith("sleep (replay): measuring")
