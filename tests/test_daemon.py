@@ -297,6 +297,23 @@ def test_heartbeat_and_status_read_the_store(tokenizer, home):
     assert s["queue"] == {"pending": 0, "claimed": 0, "done": 0, "failed": 0} and s["active_adapter"] is None
 
 
+
+def test_seal_daemon_start_waits_for_a_status_of_a_daemon_that_runs(home):
+    """A daemon that could not load its model writes 'stopping', then 'stopped: ...',
+    before it exits: `seal daemon start` must wait for the exit, not call it started."""
+    from agent.daemon.process import STATE_ACTIVITY, STATE_HEARTBEAT, _ready
+
+    h = Home(home)
+    assert not _ready(h, 999.0)  # no store yet
+    with Store(h.store_file) as store:
+        store.set_state(STATE_HEARTBEAT, "1000.0")
+        for activity, ready in (("starting", False), ("idle", True), ("learning: step 1/4", True),
+                                ("stopping", False), ("stopped: ModelError: no model", False)):
+            store.set_state(STATE_ACTIVITY, activity)
+            assert _ready(h, 999.0) is ready, activity
+        store.set_state(STATE_ACTIVITY, "idle")
+    assert not _ready(h, 1001.0)  # a status written before this start
+
 def test_one_lock_per_home(home, tmp_path):
     h = Home(home)
     first = DaemonLock(h)

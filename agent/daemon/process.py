@@ -194,7 +194,9 @@ def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0) -> dic
 
 
 def _ready(home: Home, since: float) -> bool:
-    """Whether the daemon started at ``since`` has written a heartbeat past 'starting'."""
+    """Whether the daemon started at ``since`` has written a status past 'starting'
+    and is not already stopping (as one that could not load its model does: its
+    exit, not a start, is what `seal daemon start` must report)."""
     from store import Store
 
     if not home.store_file.exists():
@@ -204,7 +206,9 @@ def _ready(home: Home, since: float) -> bool:
             beat, activity = store.get_state(STATE_HEARTBEAT), store.get_state(STATE_ACTIVITY)
     except sqlite3.Error:
         return False
-    return bool(beat) and float(beat) >= since and activity not in (None, "starting")
+    if not beat or float(beat) < since or activity in (None, "starting"):
+        return False
+    return not activity.startswith(("stopping", "stopped"))
 
 
 def _last_line(path: Path) -> str:
