@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from adapters import lora
 from adapters.names import KNOWLEDGE, TRIAL
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WakeConfig:
+    renamed: ClassVar[dict[str, str]] = {"heartbeat_s": "claim_heartbeat_s"}  # old seal.toml keys
+
     candidates: int = field(default=3, metadata={"help": "self-edits sampled per passage (N of best-of-N)"})
     self_edit_tokens: int = field(default=192, metadata={"help": "longest self-edit, in tokens"})
     answer_tokens: int = field(default=32, metadata={"help": "longest closed-book answer when grading"})

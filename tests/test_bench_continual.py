@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapters.lora import LoraConfig
-from agent.bench_continual import run_continual, summarise
+from agent.bench.continual import run_continual, summarise
 from agent.config import Config
 from agent.runtime import Runtime
 from agent.wake import WakeConfig

@@ -16,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from adapters import lora
 from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
-from agent.bench_continual import _ingest
-from agent.bench_speed import (
+from agent.bench.continual import _ingest
+from agent.bench.speed import (
     FlopMeter,
     attention_flops,
     attention_pairs,

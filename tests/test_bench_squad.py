@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from adapters.lora import LoraConfig
-from agent.bench import bootstrap_ci, run_squad, split_of
-from agent.bench_editor import load_editors, selection_study, study_rules, train_editors
+from agent.bench.common import bootstrap_ci, split_of
+from agent.bench.editor import load_editors, selection_study, study_rules, train_editors
+from agent.bench.squad import run_squad
 from agent.config import Config
 from agent.editor import EditorConfig
 from agent.runtime import Runtime

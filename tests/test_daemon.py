@@ -19,11 +19,12 @@ import torch
 
 from adapters import lora
 from adapters.names import KNOWLEDGE
+from agent.app import inbox_reader, sleeper
 from agent.config import Config
-from agent.daemon import (
+from agent.daemon.config import DaemonConfig
+from agent.daemon.loop import Daemon
+from agent.daemon.process import (
     AlreadyRunning,
-    Daemon,
-    DaemonConfig,
     DaemonLock,
     daemon_status,
     pid_info,
@@ -98,9 +99,13 @@ def config(**sections) -> Config:
     return Config(**{**base, **sections})
 
 
-def daemon(tokenizer, home: Path, cfg: Config | None = None, policies: PolicyConfig = ALWAYS, **kw) -> Daemon:
+def daemon(tokenizer, home: Path, cfg: Config | None = None, policies: PolicyConfig = ALWAYS, learner=None,
+           sleep_fn=None, **kw) -> Daemon:
+    """A daemon as agent.app.build_daemon wires it, on a tiny model's learner."""
     cfg = cfg or config()
-    return Daemon(Home(home), cfg, learner=make_learner(tokenizer, home, policies=policies), **kw)
+    learner = learner or make_learner(tokenizer, home, policies=policies)
+    return Daemon(Home(home), cfg.daemon, cfg.schedule, learner_factory=lambda: learner,
+                  sleep_fn=sleep_fn or sleeper(cfg), read=inbox_reader(cfg), **kw)
 
 
 # ----------------------------------------------------------------- in-process loop
@@ -229,7 +234,7 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
     assert d.step().idle and store.queue_summary()["pending"] == 1
 
     learner.trial = trial
-    again = Daemon(Home(home), config(), learner=learner, sleep_fn=FakeSleep())
+    again = daemon(tokenizer, home, learner=learner, sleep_fn=FakeSleep())
     r = again.run_burst()
     assert [c.outcome for c in r.cycles] == ["committed"]
     (job,) = store.jobs(limit=5)
@@ -292,16 +297,33 @@ def test_heartbeat_and_status_read_the_store(tokenizer, home):
     assert s["queue"] == {"pending": 0, "claimed": 0, "done": 0, "failed": 0} and s["active_adapter"] is None
 
 
+
+def test_seal_daemon_start_waits_for_a_status_of_a_daemon_that_runs(home):
+    """A daemon that could not load its model writes 'stopping', then 'stopped: ...',
+    before it exits: `seal daemon start` must wait for the exit, not call it started."""
+    from agent.daemon.process import STATE_ACTIVITY, STATE_HEARTBEAT, _ready
+
+    h = Home(home)
+    assert not _ready(h, 999.0)  # no store yet
+    with Store(h.store_file) as store:
+        store.set_state(STATE_HEARTBEAT, "1000.0")
+        for activity, ready in (("starting", False), ("idle", True), ("learning: step 1/4", True),
+                                ("stopping", False), ("stopped: ModelError: no model", False)):
+            store.set_state(STATE_ACTIVITY, activity)
+            assert _ready(h, 999.0) is ready, activity
+        store.set_state(STATE_ACTIVITY, "idle")
+    assert not _ready(h, 1001.0)  # a status written before this start
+
 def test_one_lock_per_home(home, tmp_path):
     h = Home(home)
     first = DaemonLock(h)
-    first.acquire(pid_info(h, Config()))
+    first.acquire(pid_info(h))
     try:
         assert running(h)["pid"] == os.getpid() == read_pidfile(h)["pid"]
         with pytest.raises(AlreadyRunning, match=re.escape(f"already runs on {home}: pid {os.getpid()}, started ")):
-            DaemonLock(h).acquire(pid_info(h, Config()), retry_s=0.1)
+            DaemonLock(h).acquire(pid_info(h), retry_s=0.1)
         other = DaemonLock(Home(tmp_path / "elsewhere"))  # another home: its own lock
-        other.acquire(pid_info(other.home, Config()))
+        other.acquire(pid_info(other.home))
         other.release()
     finally:
         first.release()
@@ -312,7 +334,7 @@ def test_one_lock_per_home(home, tmp_path):
 def test_learn_and_sleep_refuse_beside_a_running_daemon(home, seal):
     h = Home(home)
     lock = DaemonLock(h)
-    lock.acquire(pid_info(h, Config()))
+    lock.acquire(pid_info(h))
     try:
         for command in ("learn", "sleep"):
             r = seal(command)
@@ -327,7 +349,7 @@ def test_learn_and_sleep_refuse_beside_a_running_daemon(home, seal):
 # ------------------------------------------------------------------- real processes
 DAEMON_FLAGS = [
     "--set", "daemon.wake_poll_s=0.2", "--set", "daemon.inbox_poll_s=0.2", "--set", "daemon.sleep_poll_s=0.2",
-    "--set", "daemon.heartbeat_s=0.2", "--set", "daemon.inbox_settle_s=0.2", "--set", "schedule.policy=never",
+    "--set", "daemon.status_every_s=0.2", "--set", "daemon.inbox_settle_s=0.2", "--set", "schedule.policy=never",
     "--set", "policies.min_gain=-1e9",
 ]
 

@@ -14,8 +14,7 @@ import pytest
 
 from adapters import lora
 from adapters.registry import AdapterRegistry
-from agent.config import Config
-from agent.daemon import DaemonLock, pid_info
+from agent.daemon.process import DaemonLock, pid_info
 from agent.home import Home
 from store import Store
 
@@ -100,7 +99,7 @@ def test_rollback_refuses_damaged_files_and_a_running_daemon(history, home, seal
     r = seal("rollback", "knowledge-0002")
     assert r.exit_code == 1 and "missing" in r.output
     lock = DaemonLock(Home(home))
-    lock.acquire(pid_info(Home(home), Config()))
+    lock.acquire(pid_info(Home(home)))
     try:
         r = seal("rollback", "knowledge-0005")
         assert r.exit_code == 1 and "a seal daemon runs on this home" in r.output

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.bench import DEFAULT_DATA, load_squad, split_of
+from agent.bench.common import DEFAULT_DATA, load_squad, split_of
 from agent.ingest import Chunker, normalize_answer, normalize_text
 from store import Store
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bench_views import sample_log
+from agent.bench.views import sample_log
 from agent.home import Home
 from store import Store
 from tests.test_views import one_adapter

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent.bench_views import sample_log, sample_store
+from agent.bench.views import sample_log, sample_store
 from agent.home import Home
 from agent.ui.dashboard import Dashboard, parse_keys
 from agent.ui.fmt import SHADES, acc_color, shade, sparkline
@@ -366,12 +366,12 @@ def test_read_only_views_create_no_store(seal, home):
 
 
 def test_step_progress_moves_its_bar_from_step_events(monkeypatch):
-    from agent import cli
+    from agent import commands
     from agent.events import Event
 
     term = Console(file=io.StringIO(), force_terminal=True, width=100)
-    monkeypatch.setattr(cli, "err", term)
-    with cli._StepProgress("sleeping") as progress:
+    monkeypatch.setattr(commands, "err", term)
+    with commands._StepProgress("sleeping") as progress:
         progress(Event("measure", "start", "sleep (replay): measuring 3 learned passage(s) before"))
         task = progress.bar.tasks[0]
         assert task.total is None and task.description.startswith("sleep (replay): measuring")

@@ -52,14 +52,14 @@ from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
 from store import Store
 
-from .bench import draw, load_squad
-from .bench_continual import _ingest
-from .config import Config
-from .datasets import data_id
-from .events import END, START, Event
-from .learner import Learner
-from .runtime import Runtime
-from .wake import wake_cycle
+from ..config import Config
+from ..datasets import data_id
+from ..events import END, START, Event
+from ..learner import Learner
+from ..runtime import Runtime
+from ..wake import wake_cycle
+from .common import draw, load_squad
+from .continual import _ingest
 
 SEAL_LR = 1e-3  # SEAL's inner-loop learning rate (finetune_lr)
 MODES = ("optimised", "reference")
@@ -455,7 +455,7 @@ def _warm_up(learner: Learner) -> None:
                dataclasses.replace(learner.lora_cfg, epochs=1), adapter=TRIAL)
     model.set_adapter(KNOWLEDGE)
     if learner.cfg.track:
-        from .tracking import base_distributions
+        from ..tracking import base_distributions
 
         base_distributions(learner)
 

@@ -38,12 +38,12 @@ from adapters.names import KNOWLEDGE
 from adapters.registry import AdapterRegistry
 from store import NewDocument, NewPassage, NewQuestion, Store
 
-from .bench import draw, load_squad
-from .config import Config
-from .datasets import data_id
-from .learner import Learner
-from .runtime import Runtime
-from .wake import wake_cycle
+from ..config import Config
+from ..datasets import data_id
+from ..learner import Learner
+from ..runtime import Runtime
+from ..wake import wake_cycle
+from .common import draw, load_squad
 
 CONDITIONS = {
     "no-sleep": None,  # condition -> consolidation policy of its sleeps
@@ -117,8 +117,8 @@ def run_continual(
     import torch
     import transformers
 
-    from .sleep import sleep_phase
-    from .tracking import memorisation
+    from ..sleep import sleep_phase
+    from ..tracking import memorisation
 
     wake_cfg = dataclasses.replace(cfg.wake, forgetting_sample=0, seed=seed)
     if any(f.name == "track" for f in dataclasses.fields(wake_cfg)):

@@ -45,14 +45,14 @@ from policies.questions import split_roles
 from policies.reward import Scores
 from store import Store
 
-from .bench import draw, load_squad, versions
-from .config import Config
-from .datasets import data_id
-from .editor import sft, sft_examples
-from .events import log_lines
-from .learner import Learner
-from .runtime import Runtime
-from .trial import PASSAGE, Candidate, rewards_of, try_candidate
+from ..config import Config
+from ..datasets import data_id
+from ..editor import sft, sft_examples
+from ..events import log_lines
+from ..learner import Learner
+from ..runtime import Runtime
+from ..trial import PASSAGE, Candidate, rewards_of, try_candidate
+from .common import draw, load_squad, versions
 
 RESULT = "editor.json"
 GENERATING = ("implications", "rewrite", "self_qa", "qa_chat")

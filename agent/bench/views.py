@@ -22,7 +22,7 @@ from rich.console import Console
 
 from store import NewDocument, NewPassage, NewQuestion, Store
 
-from .home import Home
+from ..home import Home
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,10 @@ def run_views_bench(versions: int = 300, passages: int | None = None, repeat: in
                     say=lambda _msg: None) -> dict:
     """Build a synthetic home and time: building it, one snapshot, and rendering each
     panel (at each size), the dashboard, and the static views (unbounded height)."""
-    from .ui.dashboard import Dashboard
-    from .ui.panels import PANELS, panel
-    from .ui.snapshot import take_snapshot
-    from .ui.views import (
+    from ..ui.dashboard import Dashboard
+    from ..ui.panels import PANELS, panel
+    from ..ui.snapshot import take_snapshot
+    from ..ui.views import (
         adapter_details,
         adapter_view,
         candidates_view,

@@ -1,0 +1,85 @@
+"""The composition root: the one place that builds seal's parts for a home.
+
+``Parts(home, cfg)`` builds each part once, on first use: the store
+(``<home>/store.db``), the adapter registry (``<home>/adapters``), the runtime (the
+configured model) and the Learner over them. The CLI (``agent.cli.App``) and the
+daemon (``build_daemon``) take their parts from here; nothing else wires them.
+
+Importing this module imports the model's libraries: light modules (the CLI) import
+it where a command needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+
+from adapters.registry import AdapterRegistry
+from store import Store
+
+from .config import Config
+from .daemon.loop import Daemon, ReadFn, SleepFn
+from .events import OnEvent, ignore
+from .home import Home
+from .ingest import prepare
+from .learner import Learner
+from .runtime import Runtime
+from .settings import config_items
+from .sleep import sleep_phase
+
+
+class Parts:
+    """The parts of seal for one home and config, each built once, when first asked."""
+
+    def __init__(self, home: Home, cfg: Config):
+        self.home, self.cfg = home, cfg
+
+    @cached_property
+    def store(self) -> Store:
+        self.home.ensure()
+        return Store(self.home.store_file)
+
+    @cached_property
+    def registry(self) -> AdapterRegistry:
+        return AdapterRegistry(self.home.adapters, self.store)
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        return Runtime.load(self.cfg.model)
+
+    @cached_property
+    def learner(self) -> Learner:
+        return Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake)
+
+    def close(self) -> None:
+        if "store" in self.__dict__:  # opened
+            self.store.close()
+
+
+def sleeper(cfg: Config) -> SleepFn:
+    """The daemon's sleep function: the sleep phase of agent.sleep with ``cfg``."""
+
+    def sleep(learner: Learner, *, trigger: str, should_stop: Callable[[], bool],
+              on_event: OnEvent = ignore) -> object:
+        return sleep_phase(learner, cfg.sleep, cfg.editor, trigger=trigger, on_event=on_event, should_stop=should_stop)
+
+    return sleep
+
+
+def inbox_reader(cfg: Config) -> ReadFn:
+    """How the daemon reads an inbox file: as `seal ingest FILE` does, with ``cfg``."""
+
+    def read(path: Path, tokenizer: object) -> list:
+        return prepare([str(path)], cfg=cfg.ingest, model=cfg.model, tokenizer=tokenizer)
+
+    return read
+
+
+def build_daemon(home: Home, cfg: Config, *, handle_signals: bool = False) -> Daemon:
+    """The daemon of ``home``: its Learner is built by ``Parts`` when first used (in
+    the thread that runs the model's jobs); the resolved ``cfg`` is logged at start."""
+    parts = Parts(home, cfg)
+    return Daemon(home, cfg.daemon, cfg.schedule, learner_factory=lambda: parts.learner, sleep_fn=sleeper(cfg),
+                  read=inbox_reader(cfg), settings=[(k, v) for k, v, _ in config_items(cfg)],
+                  handle_signals=handle_signals)
