@@ -17,15 +17,9 @@ from adapters import lora
 from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
 from agent.bench.continual import _ingest
-from agent.bench.speed import (
-    FlopMeter,
-    attention_flops,
-    attention_pairs,
-    check_meter,
-    matmul_flops,
-    measured_learner,
-    reference_train,
-)
+from agent.bench.meter import FlopMeter, attention_flops, attention_pairs, matmul_flops
+from agent.bench.reference import reference_train
+from agent.bench.speed import check_meter, measured_learner
 from agent.learner import Learner
 from agent.runtime import Runtime
 from agent.wake import WakeConfig

@@ -116,28 +116,33 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
         if sleep_every and commits % sleep_every == 0 and version < versions:
             t += 120.0
             version += 1
-            sid = f"knowledge-{version:04d}"
-            scores = {p: rng.choice((0.5, 1.0, 1.0)) for p in learned}
-            before = {"retention": 0.6, "logprob": -1.2, "drift_kl": 0.01, "reading_acc": 0.6, "memorisation": 0.05,
-                      "n_passages": len(learned)}
-            after = {**before, "retention": sum(scores.values()) / len(scores), "logprob": -1.0}
-            sleep_row = {"started_at": t - 100, "trigger": "commits", "policy": "replay", "outcome": "kept",
-                         "reason": "no worse", "parent_adapter": parent, "before": before, "after": after,
-                         "n_examples": 16, "n_dreams": 0, "train_loss": 0.4, "timings": {"consolidate": 60.0}}
-
-            def record_sleep(sr=sleep_row, sc=scores, a=sid, when=t):
-                store.record_sleep({**sr, "adapter_id": a}, now=when)
-                store.add_evaluations([{"adapter_id": a, "passage_id": p, "kind": "probe", "accuracy": acc,
-                                        "f1": acc, "logprob": -1.0, "n": 2} for p, acc in sc.items()], now=when)
-
-            store.add_adapter({"id": sid, "name": "knowledge", "version": version, "parent_id": parent,
-                               "kind": "sleep", "passage_id": None, "path": sid, "sha256": _sha(sid),
-                               "policy": "replay", "reward": None,
-                               "metrics": {"sleep": True, "retention_before": 0.6,
-                                           "retention_after": after["retention"]}},
-                              activate=True, also=record_sleep, now=t)
-            parent = sid
+            parent = _sample_sleep(store, rng, learned, parent, version, t)
     return {"versions": version, "passages": n_pass, "learned": len(learned)}
+
+
+def _sample_sleep(store: Store, rng: random.Random, learned: list[int], parent: str | None, version: int,
+                  t: float) -> str:
+    """A kept sleep of the sample store: its version, report and retention row."""
+    sid = f"knowledge-{version:04d}"
+    scores = {p: rng.choice((0.5, 1.0, 1.0)) for p in learned}
+    before = {"retention": 0.6, "logprob": -1.2, "drift_kl": 0.01, "reading_acc": 0.6, "memorisation": 0.05,
+              "n_passages": len(learned)}
+    after = {**before, "retention": sum(scores.values()) / len(scores), "logprob": -1.0}
+    sleep_row = {"started_at": t - 100, "trigger": "commits", "policy": "replay", "outcome": "kept",
+                 "reason": "no worse", "parent_adapter": parent, "before": before, "after": after,
+                 "n_examples": 16, "n_dreams": 0, "train_loss": 0.4, "timings": {"consolidate": 60.0}}
+
+    def record_sleep() -> None:
+        store.record_sleep({**sleep_row, "adapter_id": sid}, now=t)
+        store.add_evaluations([{"adapter_id": sid, "passage_id": p, "kind": "probe", "accuracy": acc,
+                                "f1": acc, "logprob": -1.0, "n": 2} for p, acc in scores.items()], now=t)
+
+    store.add_adapter({"id": sid, "name": "knowledge", "version": version, "parent_id": parent,
+                       "kind": "sleep", "passage_id": None, "path": sid, "sha256": _sha(sid),
+                       "policy": "replay", "reward": None,
+                       "metrics": {"sleep": True, "retention_before": 0.6, "retention_after": after["retention"]}},
+                      activate=True, also=record_sleep, now=t)
+    return sid
 
 
 def sample_log(path: Path, lines: int, start: float = 1.7e9) -> None:
