@@ -509,7 +509,7 @@ def _ingest(home: Path, tiny_dir: Path, *docs) -> None:
 def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     try:
-        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=150")
+        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=3000")
         stop = _run(_cli(home, tiny_dir, "daemon", "stop", "--timeout", "60"))
         assert stop.stdout.strip() == f"seal daemon stopped (warm): pid {pid}"
     finally:
@@ -530,7 +530,7 @@ def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir)
         before = store.counts()
         second = next(j for j in store.jobs(limit=5) if j["state"] == "pending")["passage_id"]
     try:
-        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=150")
+        pid = _started_mid(home, tiny_dir, "trial 1: passage", "--set", "lora.epochs=3000")
         os.kill(pid, signal.SIGKILL)
         _wait(lambda: running(Home(home)) is None, 10)
     finally:
