@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .names import KNOWLEDGE
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -115,7 +117,7 @@ def _peft_config(cfg: LoraConfig):
     )
 
 
-def attach(model, cfg: LoraConfig, names: Sequence[str] = ("knowledge",)):
+def attach(model, cfg: LoraConfig, names: Sequence[str] = (KNOWLEDGE,)):
     """Wrap a base HF causal LM (modified in place) with one LoRA adapter per name.
     The first name is the active one. Initialisation is seeded by ``cfg.seed`` and does
     not disturb the global RNG."""
@@ -353,7 +355,7 @@ def train(
     tokenizer,
     examples: Sequence[Example],
     cfg: LoraConfig,
-    adapter: str = "knowledge",
+    adapter: str = KNOWLEDGE,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """Train one adapter on ``examples`` (it becomes the active adapter and the only

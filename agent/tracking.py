@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.names import KNOWLEDGE
 from policies.questions import answer_prompt
 from policies.reward import Scores, is_correct, token_f1
 from policies.self_edit import passage_text
@@ -31,7 +32,6 @@ from policies.self_edit import passage_text
 log = logging.getLogger(__name__)
 
 DATA = Path(__file__).resolve().parent / "data"
-KNOWLEDGE = "knowledge"
 TOP_K = 1024  # base tokens kept per position for the KL (the rest is one bin)
 READING_TOKENS = 24  # longest open-book answer (the reading set's answers are short)
 
@@ -282,8 +282,8 @@ def forgetting_summary(store) -> dict:
     versions since, up to the active one), forgetting = best - current; overall:
     average accuracy (mean current), backward transfer (mean current - at-learning,
     all but the last learned passage) and retention (mean current / mean at-learning)."""
-    adapters = store.adapters("knowledge")
-    active = store.active_adapter_id("knowledge")
+    adapters = store.adapters(KNOWLEDGE)
+    active = store.active_adapter_id(KNOWLEDGE)
     version = {a["id"]: a["version"] for a in adapters}
     active_v = version.get(active, 0)
     learned_by: dict[int, str] = {}

@@ -34,6 +34,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from adapters.names import KNOWLEDGE
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -74,9 +76,9 @@ class ScheduleStore(Protocol):
 
     def last_sleep_at(self) -> float | None: ...
 
-    def commits_since(self, at: float | None, name: str = "knowledge") -> int: ...
+    def commits_since(self, at: float | None, name: str = KNOWLEDGE) -> int: ...
 
-    def first_commit_since(self, at: float | None, name: str = "knowledge") -> float | None: ...
+    def first_commit_since(self, at: float | None, name: str = KNOWLEDGE) -> float | None: ...
 
     def last_activity_at(self) -> float | None: ...
 

@@ -273,7 +273,7 @@ def test_nan_in_every_trial_rejects_and_keeps_the_previous_adapter(tokenizer, ho
     assert store.active_adapter_id("knowledge") == "knowledge-0001"
     before = lora.snapshot(learner.model, KNOWLEDGE)
 
-    def nan_train(model, tok, examples, cfg, adapter="knowledge", progress=None):
+    def nan_train(model, tok, examples, cfg, adapter=KNOWLEDGE, progress=None):
         return TrainResult(steps=1, tokens=10, seconds=0.0, losses=(math.nan,), final_loss=math.nan, nan=True)
 
     monkeypatch.setattr(lora, "train", nan_train)
