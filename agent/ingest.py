@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from policies.reward import normalize
 from store import NewDocument, NewPassage, NewQuestion
 
 from .runtime import ModelConfig, load_tokenizer
@@ -70,17 +71,6 @@ def sha256(text: str) -> str:
 def content_hash(text: str) -> str:
     """Of the words only: the same text re-wrapped or re-indented is the same content."""
     return sha256(" ".join(text.split()))
-
-
-_PUNCT = re.compile(r"[^\w\s]|_")
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-
-
-def normalize_answer(s: str, punct: str = "") -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces.
-    ``punct=" "`` turns punctuation into spaces instead (``Levi's`` -> ``levi s``)."""
-    s = _PUNCT.sub(punct, s.lower())
-    return " ".join(_ARTICLES.sub(" ", s).split())
 
 
 def _short(s: str, n: int = 60) -> str:
@@ -417,7 +407,7 @@ def parse_questions(source: str, limit: int) -> list[QuestionLine]:
             raise IngestError(f'{where}: needs non-empty "question" and "answer" strings')
         if t is not None and (not isinstance(t, str) or not t.strip()):
             raise IngestError(f'{where}: "title" must be a non-empty string')
-        if not normalize_answer(a) and not normalize_answer(a, " "):
+        if not normalize(a) and not normalize(a, " "):
             raise IngestError(f"{where}: answer {a!r} has no words to look for")
         out.append(QuestionLine(n, " ".join(q.split()), " ".join(a.split()), " ".join(t.split()) if t else None))
     if not out:
@@ -429,12 +419,16 @@ def parse_questions(source: str, limit: int) -> list[QuestionLine]:
 class AnswerIndex:
     """Finds the first of many texts whose normalised words contain an answer's, fast
     enough for thousands of answers over thousands of passages: the normalised texts
-    are joined into one string and located with ``str.find`` and a bisect."""
+    are joined into one string and located with ``str.find`` and a bisect.
+
+    The normalisation is grading's (``policies.reward.normalize``), so a text that
+    grading would count as containing the answer is found; when none is, a second
+    pass with punctuation turned into spaces finds ``Levi`` in ``Levi's Stadium``."""
 
     def __init__(self, texts: Sequence[str]):
         self.variants = []
         for punct in ("", " "):
-            parts = [f" {normalize_answer(t, punct)} " for t in texts]
+            parts = [f" {normalize(t, punct)} " for t in texts]
             starts, pos = [], 0
             for part in parts:
                 starts.append(pos)
@@ -443,7 +437,7 @@ class AnswerIndex:
 
     def find(self, answer: str) -> int | None:
         for punct, haystack, starts in self.variants:
-            needle = normalize_answer(answer, punct)
+            needle = normalize(answer, punct)
             if needle:
                 at = haystack.find(f" {needle} ")
                 if at >= 0:
