@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .registry import Registry
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -94,7 +96,7 @@ def qa_accuracy(trial: Scores, baseline: Scores) -> float:
 
 RewardFn = Callable[[Scores, Scores], float]
 
-REWARDS: dict[str, RewardFn] = {
+REWARDS: Registry[RewardFn] = Registry("reward", {
     "answer_logprob": answer_logprob,
     "qa_accuracy": qa_accuracy,
-}
+})

@@ -36,6 +36,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from adapters.names import KNOWLEDGE
 
+from .registry import Registry
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -51,8 +53,7 @@ class ScheduleConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.policy not in SCHEDULES:
-            raise ValueError(f"unknown schedule policy {self.policy!r} (known: {', '.join(SCHEDULES)})")
+        SCHEDULES.get(self.policy)  # unknown: "unknown schedule policy 'x' (known: ...)"
         if self.every_commits < 1:
             raise ValueError(f"every_commits must be at least 1, got {self.every_commits}")
         for name in ("interval_s", "idle_s", "misfire_grace_s"):
@@ -171,15 +172,15 @@ def cron(cfg: ScheduleConfig, store: ScheduleStore, now: float) -> Due:
     return Due(False, nxt, f"cron '{cfg.cron}'")
 
 
-SCHEDULES: dict[str, Policy] = {
+SCHEDULES: Registry[Policy] = Registry("schedule policy", {
     "never": never,
     "interval": interval,
     "commits": commits,
     "idle": idle,
     "cron": cron,
-}
+})
 
 
 def due(cfg: ScheduleConfig, store: ScheduleStore, now: float) -> Due:
     """Ask the configured policy."""
-    return SCHEDULES[cfg.policy](cfg, store, now)
+    return SCHEDULES.get(cfg.policy)(cfg, store, now)
