@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import pad_batch
 from .names import KNOWLEDGE
 
 log = logging.getLogger(__name__)
@@ -238,18 +239,13 @@ class _Batch:
 
 
 def _collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> _Batch:
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width - 1), IGNORE, dtype=torch.long)
+    ids, mask = pad_batch([seq for seq, _ in seqs], pad_id)
+    targets = torch.full((len(seqs), ids.shape[1] - 1), IGNORE, dtype=torch.long)
     for row, (seq, start) in enumerate(seqs):
         n = len(seq)
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[row, :n] = t
-        mask[row, :n] = 1
         first = max(start, 1)  # position first-1 predicts the first completion token
         if first < n:
-            targets[row, first - 1 : n - 1] = t[first:]
+            targets[row, first - 1 : n - 1] = ids[row, first:n]
     return _Batch(ids.to(device), mask.to(device), targets.to(device), int(mask.sum()))
 
 

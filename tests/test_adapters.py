@@ -358,3 +358,15 @@ def test_real_model_learns_an_invented_fact(real_runtime):
     finally:
         model.unload()  # take the LoRA layers out again: the session's model is shared
 
+
+
+def test_pad_batch_right_and_left():
+    from adapters.batch import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]] and mask.dtype == torch.long
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")
