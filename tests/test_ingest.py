@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bench import DEFAULT_DATA, load_squad, split_of
-from agent.ingest import AnswerIndex, Chunker, normalize_text
+from agent.documents import normalize_text
+from agent.ingest import AnswerIndex, Chunker
 from policies.reward import is_correct, normalize
 from store import Store
 
