@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import lora
+from . import files
 from .lora import AdapterError
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,20 @@ def export_adapter(src: Path, dest: Path, *, sha256: str, base_model: str | None
     ``sha256`` (the store's). Returns ``dest``."""
     src, dest = Path(src), _target(Path(dest))
     try:
-        weights = (src / lora.WEIGHTS_NAME).read_bytes()
-        config = json.loads((src / lora.CONFIG_NAME).read_text(encoding="utf-8"))
+        weights = (src / files.WEIGHTS_NAME).read_bytes()
+        config = json.loads((src / files.CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise AdapterError(f"cannot read the adapter in {src}: {e}") from None
     digest = hashlib.sha256(weights).hexdigest()
     if digest != sha256:
-        raise AdapterError(f"{src / lora.WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the store's {sha256[:12]}…")
+        raise AdapterError(f"{src / files.WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the store's {sha256[:12]}…")
     if base_model:
         config["base_model_name_or_path"] = str(base_model)
     config["inference_mode"] = True
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=dest.parent))
     try:
-        (tmp / lora.WEIGHTS_NAME).write_bytes(weights)
-        (tmp / lora.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / files.WEIGHTS_NAME).write_bytes(weights)
+        (tmp / files.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         (tmp / PROVENANCE).write_text(json.dumps({**provenance, "sha256": digest}, indent=2), encoding="utf-8")
         _place(tmp, dest)
     finally:
@@ -87,9 +87,9 @@ def export_merged(src: Path, dest: Path, *, sha256: str, base_model: str | Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, dest = Path(src), _target(Path(dest))
-    digest = hashlib.sha256((src / lora.WEIGHTS_NAME).read_bytes()).hexdigest()
+    digest = hashlib.sha256((src / files.WEIGHTS_NAME).read_bytes()).hexdigest()
     if digest != sha256:
-        raise AdapterError(f"{src / lora.WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the store's {sha256[:12]}…")
+        raise AdapterError(f"{src / files.WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the store's {sha256[:12]}…")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own status

@@ -1,35 +1,30 @@
-"""LoRA updates with peft: attach, train, snapshot/restore, atomic save and load.
+"""LoRA updates with peft: attach, train, snapshot/restore, copy.
 
 Several named LoRA adapters share one resident base model (``knowledge``, ``editor``,
 a scratch ``trial``). Training touches exactly one of them; everything else stays
 frozen. Adapter weights are kept and exchanged under peft's own key names (those of
-``get_peft_model_state_dict``: the adapter name removed), so a saved directory is a
-standard PEFT adapter that ``PeftModel.from_pretrained(base, dir)`` loads.
+``get_peft_model_state_dict``: the adapter name removed), so a saved directory
+(``adapters.files``) is a standard PEFT adapter that ``PeftModel.from_pretrained(base,
+dir)`` loads.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import pad_batch
+from .names import KNOWLEDGE
+
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100
 
@@ -115,7 +110,7 @@ def _peft_config(cfg: LoraConfig):
     )
 
 
-def attach(model, cfg: LoraConfig, names: Sequence[str] = ("knowledge",)):
+def attach(model, cfg: LoraConfig, names: Sequence[str] = (KNOWLEDGE,)):
     """Wrap a base HF causal LM (modified in place) with one LoRA adapter per name.
     The first name is the active one. Initialisation is seeded by ``cfg.seed`` and does
     not disturb the global RNG."""
@@ -236,18 +231,13 @@ class _Batch:
 
 
 def _collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> _Batch:
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width - 1), IGNORE, dtype=torch.long)
+    ids, mask = pad_batch([seq for seq, _ in seqs], pad_id)
+    targets = torch.full((len(seqs), ids.shape[1] - 1), IGNORE, dtype=torch.long)
     for row, (seq, start) in enumerate(seqs):
         n = len(seq)
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[row, :n] = t
-        mask[row, :n] = 1
         first = max(start, 1)  # position first-1 predicts the first completion token
         if first < n:
-            targets[row, first - 1 : n - 1] = t[first:]
+            targets[row, first - 1 : n - 1] = ids[row, first:n]
     return _Batch(ids.to(device), mask.to(device), targets.to(device), int(mask.sum()))
 
 
@@ -353,7 +343,7 @@ def train(
     tokenizer,
     examples: Sequence[Example],
     cfg: LoraConfig,
-    adapter: str = "knowledge",
+    adapter: str = KNOWLEDGE,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """Train one adapter on ``examples`` (it becomes the active adapter and the only
@@ -435,96 +425,3 @@ def train(
         final_loss=final,
         nan=nan,
     )
-
-
-# ----------------------------------------------------------------- saving and loading
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _config_json(peft_model, adapter: str) -> bytes:
-    """adapter_config.json as ``PeftModel.from_pretrained`` expects it for a fresh base."""
-    pc = copy.deepcopy(peft_model.peft_config[adapter])
-    pc.inference_mode = True
-    if pc.base_model_name_or_path is None:
-        pc.base_model_name_or_path = getattr(peft_model.get_base_model(), "name_or_path", None) or None
-    d = pc.to_dict()
-    for k, v in d.items():
-        if isinstance(v, set):
-            d[k] = sorted(v)  # sorted: the same adapter always writes the same bytes
-    return json.dumps(d, indent=2, sort_keys=True, default=str).encode()
-
-
-def save(peft_model, adapter: str, dest: Path) -> str:
-    """Write the adapter as a standard PEFT directory at ``dest`` (which must not
-    exist), atomically: temp dir beside it, fsync, rename, fsync the parent. Returns
-    the sha256 of adapter_model.safetensors."""
-    from safetensors.torch import save as st_save
-
-    dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    weights = st_save(snapshot(peft_model, adapter), metadata={"format": "pt"})
-    config = _config_json(peft_model, adapter)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
-        _write(tmp / WEIGHTS_NAME, weights)
-        _write(tmp / CONFIG_NAME, config)
-        _fsync_dir(tmp)
-        if dest.exists():  # rename() would silently replace an empty directory
-            raise FileExistsError(f"{dest} already exists")
-        os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return hashlib.sha256(weights).hexdigest()
-
-
-def load(peft_model, adapter: str, src: Path, expected_sha256: str | None = None) -> None:
-    """Load a saved adapter directory into the named adapter (safetensors only). The
-    file's hash is checked before anything is loaded, from the same bytes."""
-    from safetensors.torch import load as st_load
-
-    src = Path(src)
-    if adapter not in peft_model.peft_config:
-        raise AdapterError(f"no adapter named {adapter!r}")
-    try:
-        data = (src / WEIGHTS_NAME).read_bytes()
-    except OSError as e:
-        raise AdapterError(f"cannot read {src / WEIGHTS_NAME}: {e.strerror or e}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise AdapterError(f"{src / WEIGHTS_NAME}: sha256 {digest[:12]}… does not match the expected {expected_sha256[:12]}…")
-    try:
-        saved = json.loads((src / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {src / CONFIG_NAME}: {e}") from None
-    have = peft_model.peft_config[adapter]
-    if (
-        saved.get("peft_type") != "LORA"
-        or saved.get("r") != have.r
-        or saved.get("lora_alpha") != have.lora_alpha
-        or set(saved.get("target_modules") or ()) != set(have.target_modules)
-    ):
-        raise AdapterError(
-            f"{src}: a LoRA of rank {saved.get('r')}, alpha {saved.get('lora_alpha')} does not fit adapter "
-            f"{adapter!r} (rank {have.r}, alpha {have.lora_alpha}) or its targets differ"
-        )
-    try:
-        state = st_load(data)
-    except Exception as e:
-        raise AdapterError(f"{src / WEIGHTS_NAME} is not a valid safetensors file: {e}") from None
-    restore(peft_model, adapter, state)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from store import Store
 
-from . import lora
+from . import files
 from .lora import AdapterError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class AdapterRegistry:
         version = self.store.next_version(name)
         adapter_id = f"{name}-{version:04d}"
         dest = self.root / adapter_id
-        sha = lora.save(peft_model, adapter, dest)
+        sha = files.save(peft_model, adapter, dest)
         row = {
             "id": adapter_id,
             "name": name,
@@ -95,7 +95,7 @@ class AdapterRegistry:
         row = self.store.adapter(adapter_id)
         if row is None or row["name"] != name:
             raise AdapterError(f"no {name} adapter {adapter_id!r}")
-        if not (self.root / row["path"] / lora.WEIGHTS_NAME).is_file():
+        if not (self.root / row["path"] / files.WEIGHTS_NAME).is_file():
             raise AdapterError(f"adapter {adapter_id}: its files are missing from {self.root / row['path']}")
         self.store.set_active(name, adapter_id)
         log.info("activated %s", adapter_id)
@@ -122,7 +122,7 @@ class AdapterRegistry:
         row = self.store.adapter(adapter_id)
         if row is None:
             raise AdapterError(f"no adapter {adapter_id!r}")
-        lora.load(peft_model, adapter, self.root / row["path"], expected_sha256=row["sha256"])
+        files.load(peft_model, adapter, self.root / row["path"], expected_sha256=row["sha256"])
 
     # --------------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
@@ -224,11 +224,11 @@ class AdapterRegistry:
             return f"adapter {adapter_id} was pruned: its files are gone"
         folder = self._folder(row)
         try:
-            data = (folder / lora.WEIGHTS_NAME).read_bytes()
+            data = (folder / files.WEIGHTS_NAME).read_bytes()
         except OSError:
-            return f"adapter {adapter_id}: {folder / lora.WEIGHTS_NAME} is missing"
-        if not (folder / lora.CONFIG_NAME).is_file():
-            return f"adapter {adapter_id}: {folder / lora.CONFIG_NAME} is missing"
+            return f"adapter {adapter_id}: {folder / files.WEIGHTS_NAME} is missing"
+        if not (folder / files.CONFIG_NAME).is_file():
+            return f"adapter {adapter_id}: {folder / files.CONFIG_NAME} is missing"
         digest = hashlib.sha256(data).hexdigest()
         if digest != row["sha256"]:
             return f"adapter {adapter_id}: sha256 {digest[:12]}… does not match the store's {row['sha256'][:12]}…"

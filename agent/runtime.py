@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.batch import pad_batch
+
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -339,13 +341,7 @@ class Runtime:
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                width = max(len(pairs[i][0]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    seq = pairs[i][0]
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    mask[row, : len(seq)] = 1
+                ids, mask = pad_batch([pairs[i][0] for i in idx], pad)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 target = ids[:, 1:].to(self.device)

@@ -57,9 +57,10 @@ class SleepConfig:
     seed: int = field(default=0, metadata={"help": "base seed of sampling old passages, dreams and training"})
 
     def __post_init__(self) -> None:
-        if self.policy not in consolidations.CONSOLIDATIONS:
-            raise ValueError(f"policy: unknown consolidation policy {self.policy!r} "
-                             f"(known: {', '.join(consolidations.CONSOLIDATIONS)})")
+        try:
+            consolidations.CONSOLIDATIONS.get(self.policy)
+        except ValueError as e:
+            raise ValueError(f"policy: {e}") from None
         if self.merge_type not in MERGE_TYPES:
             raise ValueError(f"merge_type: unknown {self.merge_type!r} (known: {', '.join(MERGE_TYPES)})")
         for name in ("recent", "old_sample", "dreams", "dream_tokens", "merge_versions", "memorisation_tokens"):

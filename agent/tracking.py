@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.batch import pad_batch
+from adapters.names import KNOWLEDGE
 from policies.questions import answer_prompt
 from policies.reward import Scores, is_correct, token_f1
 from policies.self_edit import passage_text
@@ -31,7 +33,6 @@ from policies.self_edit import passage_text
 log = logging.getLogger(__name__)
 
 DATA = Path(__file__).resolve().parent / "data"
-KNOWLEDGE = "knowledge"
 TOP_K = 1024  # base tokens kept per position for the KL (the rest is one bin)
 READING_TOKENS = 24  # longest open-book answer (the reading set's answers are short)
 
@@ -70,18 +71,8 @@ def _batches(runtime, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor
     tok = runtime.tokenizer
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = []
     size = runtime.cfg.batch_size
-    for start in range(0, len(ids), size):
-        chunk = ids[start : start + size]
-        width = max(len(x) for x in chunk)
-        t = torch.full((len(chunk), width), pad, dtype=torch.long)
-        m = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, x in enumerate(chunk):
-            t[row, : len(x)] = torch.tensor(x)
-            m[row, : len(x)] = 1
-        out.append((t, m))
-    return out
+    return [pad_batch(ids[start : start + size], pad) for start in range(0, len(ids), size)]
 
 
 @torch.no_grad()
@@ -172,13 +163,8 @@ def _greedy(model, tokenizer, prefixes: list[list[int]], n: int, batch_size: int
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for start in range(0, len(prefixes), batch_size):
-        chunk = prefixes[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = pad_batch(prefixes[start : start + batch_size], pad, side="left")
+        width = ids.shape[1]
         seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
                               do_sample=False, temperature=None, top_p=None, top_k=None,
                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
@@ -282,8 +268,8 @@ def forgetting_summary(store) -> dict:
     versions since, up to the active one), forgetting = best - current; overall:
     average accuracy (mean current), backward transfer (mean current - at-learning,
     all but the last learned passage) and retention (mean current / mean at-learning)."""
-    adapters = store.adapters("knowledge")
-    active = store.active_adapter_id("knowledge")
+    adapters = store.adapters(KNOWLEDGE)
+    active = store.active_adapter_id(KNOWLEDGE)
     version = {a["id"]: a["version"] for a in adapters}
     active_v = version.get(active, 0)
     learned_by: dict[int, str] = {}

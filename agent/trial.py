@@ -78,7 +78,7 @@ def candidates_of(policies: PolicyConfig, edits: list[Candidate]) -> list[Candid
 
 def rewards_of(scores: Scores, baseline: Scores, selecting: str) -> tuple[float, float]:
     """(selecting reward, the other reward) of a trial: the other breaks ties."""
-    primary = rewards.REWARDS[selecting](scores, baseline)
+    primary = rewards.REWARDS.get(selecting)(scores, baseline)
     other = rewards.qa_accuracy(scores, baseline) if selecting == "answer_logprob" else \
         rewards.answer_logprob(scores, baseline)
     return primary, other

@@ -1,8 +1,9 @@
 """Which strategy of each kind is active, by registered name, and their knobs.
 
-Names are looked up in each module's registry: ``policies/self_edit.py``
-(``SELF_EDIT_POLICIES``), ``policies/questions.py``, ``policies/reward.py``
-(``REWARDS``), ``policies/selection.py`` (``SELECTIONS``).
+Names are looked up in each module's registry (a ``policies.registry.Registry``):
+``policies/self_edit.py`` (``SELF_EDIT_POLICIES``), ``policies/questions.py``
+(``QUESTION_POLICIES``), ``policies/reward.py`` (``REWARDS``), ``policies/selection.py``
+(``SELECTIONS``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class PolicyConfig:
             (self.reward, reward.REWARDS, "reward"),
             (self.selection, selection.SELECTIONS, "selection"),
         ):
-            if name not in registry:
-                raise ValueError(f"{kind}: unknown policy {name!r} (known: {', '.join(registry)})")
+            try:
+                registry.get(name)
+            except ValueError as e:  # e.g. "selection: unknown selection policy 'x' (known: ...)"
+                raise ValueError(f"{kind}: {e}") from None
         if not 0 < self.reward_fraction < 1:
             raise ValueError("reward_fraction must be between 0 and 1")

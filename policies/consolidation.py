@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .registry import Registry
+
 # peft's add_weighted_adapter combination types whose result has the rank of its inputs
 # (``cat`` is left out: its rank is the sum of the inputs', which no longer fits the
 # knowledge adapter). The *_svd types rebuild each update exactly and truncate to rank r.
@@ -129,15 +131,12 @@ class Merge:
         return Mix(versions=chosen, weights=merge_weights(knobs.merge_type, len(chosen)))
 
 
-CONSOLIDATIONS: dict[str, type] = {}
+CONSOLIDATIONS: Registry[type] = Registry("consolidation policy")
 
 
 def register(cls: type) -> type:
-    """Register a policy under its name; a duplicate name is refused (as peft does)."""
-    if cls.name in CONSOLIDATIONS:
-        raise ValueError(f"consolidation policy {cls.name!r} is already registered")
-    CONSOLIDATIONS[cls.name] = cls
-    return cls
+    """Register a policy class under its ``name``; a duplicate name is refused."""
+    return CONSOLIDATIONS.register(cls.name, cls)
 
 
 for _cls in (Replay, Dream, Merge):
@@ -145,6 +144,4 @@ for _cls in (Replay, Dream, Merge):
 
 
 def get(name: str) -> Consolidation:
-    if name not in CONSOLIDATIONS:
-        raise ValueError(f"unknown consolidation policy {name!r} (known: {', '.join(CONSOLIDATIONS)})")
-    return CONSOLIDATIONS[name]()
+    return CONSOLIDATIONS.get(name)()

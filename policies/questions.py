@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
+from .registry import Registry
+
 
 def answer_prompt(question: str, title: str | None = None, context: str | None = None) -> str:
     """The user message that asks a question: closed book (title as topic) or open book."""
@@ -57,13 +59,11 @@ class SelfWritten:
         return True
 
 
-QUESTION_POLICIES: dict[str, type] = {"given": Given, "self": SelfWritten}
+QUESTION_POLICIES: Registry[type] = Registry("question policy", {"given": Given, "self": SelfWritten})
 
 
 def get(name: str) -> QuestionPolicy:
-    if name not in QUESTION_POLICIES:
-        raise ValueError(f"unknown question policy {name!r} (known: {', '.join(QUESTION_POLICIES)})")
-    return QUESTION_POLICIES[name]()
+    return QUESTION_POLICIES.get(name)()
 
 
 def self_question_prompt(title: str, text: str, n: int) -> str:

@@ -3,6 +3,9 @@
 Grading follows SQuAD's evaluation script: answers are normalised (lower case,
 punctuation deleted, no articles, single spaces); an answer is *correct* when the normalised
 gold answer is contained in the normalised prediction, and token F1 is recorded too.
+``normalize`` is the one normaliser of the project: ingest finds an answer's passage
+with it and the self-edit policies check grounding with it, so what grading accepts
+as contained is what they accept.
 
 A reward is a plain callable (TRL's habit): it maps the scores of a trial and of the
 no-update baseline to one number, higher is better. Both rewards are recorded for
@@ -12,18 +15,41 @@ every candidate; ``policies.reward`` in the config picks the one that selects.
 from __future__ import annotations
 
 import re
-import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .registry import Registry
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
 
 
-def normalize(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)  # deleted, as SQuAD's script does
-    return " ".join(_ARTICLES.sub(" ", text).split())
+class _PunctTable(dict):
+    """A ``str.translate`` table filled on demand: a punctuation or symbol character
+    (Unicode categories P* and S*: on ASCII exactly SQuAD's ``string.punctuation``,
+    beyond it « » ‘ ’ “ ” – — … and the like) maps to ``replacement``, any other
+    character to itself."""
+
+    def __init__(self, replacement: str):
+        super().__init__()
+        self.replacement = replacement or None  # None: deleted
+
+    def __missing__(self, code: int) -> str | int | None:
+        out = self.replacement if unicodedata.category(chr(code))[0] in "PS" else code
+        self[code] = out
+        return out
+
+
+_TABLES = {"": _PunctTable(""), " ": _PunctTable(" ")}
+
+
+def normalize(text: str, punct: str = "") -> str:
+    """SQuAD's normalisation: lower case, punctuation deleted (``«Paris»`` -> ``paris``,
+    ``Levi's`` -> ``levis``), articles removed, single spaces. ``punct=" "`` turns
+    punctuation into spaces instead (``Levi's`` -> ``levi s``): a looser match, which
+    ingest tries second when it looks for an answer's passage."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_TABLES[punct])).split())
 
 
 def token_f1(prediction: str, gold: str) -> float:
@@ -70,7 +96,7 @@ def qa_accuracy(trial: Scores, baseline: Scores) -> float:
 
 RewardFn = Callable[[Scores, Scores], float]
 
-REWARDS: dict[str, RewardFn] = {
+REWARDS: Registry[RewardFn] = Registry("reward", {
     "answer_logprob": answer_logprob,
     "qa_accuracy": qa_accuracy,
-}
+})

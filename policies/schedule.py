@@ -34,6 +34,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from adapters.names import KNOWLEDGE
+
+from .registry import Registry
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -49,8 +53,7 @@ class ScheduleConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.policy not in SCHEDULES:
-            raise ValueError(f"unknown schedule policy {self.policy!r} (known: {', '.join(SCHEDULES)})")
+        SCHEDULES.get(self.policy)  # unknown: "unknown schedule policy 'x' (known: ...)"
         if self.every_commits < 1:
             raise ValueError(f"every_commits must be at least 1, got {self.every_commits}")
         for name in ("interval_s", "idle_s", "misfire_grace_s"):
@@ -74,9 +77,9 @@ class ScheduleStore(Protocol):
 
     def last_sleep_at(self) -> float | None: ...
 
-    def commits_since(self, at: float | None, name: str = "knowledge") -> int: ...
+    def commits_since(self, at: float | None, name: str = KNOWLEDGE) -> int: ...
 
-    def first_commit_since(self, at: float | None, name: str = "knowledge") -> float | None: ...
+    def first_commit_since(self, at: float | None, name: str = KNOWLEDGE) -> float | None: ...
 
     def last_activity_at(self) -> float | None: ...
 
@@ -169,15 +172,15 @@ def cron(cfg: ScheduleConfig, store: ScheduleStore, now: float) -> Due:
     return Due(False, nxt, f"cron '{cfg.cron}'")
 
 
-SCHEDULES: dict[str, Policy] = {
+SCHEDULES: Registry[Policy] = Registry("schedule policy", {
     "never": never,
     "interval": interval,
     "commits": commits,
     "idle": idle,
     "cron": cron,
-}
+})
 
 
 def due(cfg: ScheduleConfig, store: ScheduleStore, now: float) -> Due:
     """Ask the configured policy."""
-    return SCHEDULES[cfg.policy](cfg, store, now)
+    return SCHEDULES.get(cfg.policy)(cfg, store, now)

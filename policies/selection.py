@@ -9,7 +9,10 @@ what keeps a lucky draw from replacing a sound update. Ties go to the other rewa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,12 @@ def prefer_edit(trials: list[Trial], min_gain: float, edit_margin: float) -> Cho
     return Choice(best.idx, f"{best.policy}#{best.idx}: best self-edit, within the margin of passage-only or above it")
 
 
-SELECTIONS = {"best_of_n": best_of_n, "floor": floor, "prefer_edit": prefer_edit}
+SelectionFn = Callable[[list[Trial], float, float], Choice]
+
+SELECTIONS: Registry[SelectionFn] = Registry(
+    "selection policy", {"best_of_n": best_of_n, "floor": floor, "prefer_edit": prefer_edit}
+)
 
 
-def get(name: str):
-    if name not in SELECTIONS:
-        raise ValueError(f"unknown selection policy {name!r} (known: {', '.join(SELECTIONS)})")
-    return SELECTIONS[name]
+def get(name: str) -> SelectionFn:
+    return SELECTIONS.get(name)

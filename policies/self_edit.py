@@ -22,6 +22,7 @@ from typing import Protocol
 from adapters.lora import Example
 
 from .questions import answer_prompt
+from .registry import Registry
 from .reward import normalize
 
 Chat = Callable[[str], str]  # user message -> formatted prompt for the assistant's reply
@@ -154,15 +155,12 @@ def adds_nothing(examples: list[Example], title: str, text: str) -> bool:
     return examples == PassageOnly().examples(title, text, "", lambda m: m)
 
 
-SELF_EDIT_POLICIES: dict[str, type] = {}
+SELF_EDIT_POLICIES: Registry[type] = Registry("self-edit policy")
 
 
 def register(cls: type) -> type:
-    """Register a policy under its name; a duplicate name is refused (as peft does)."""
-    if cls.name in SELF_EDIT_POLICIES:
-        raise ValueError(f"self-edit policy {cls.name!r} is already registered")
-    SELF_EDIT_POLICIES[cls.name] = cls
-    return cls
+    """Register a policy class under its ``name``; a duplicate name is refused."""
+    return SELF_EDIT_POLICIES.register(cls.name, cls)
 
 
 for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat):
@@ -170,6 +168,4 @@ for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat):
 
 
 def get(name: str) -> SelfEditPolicy:
-    if name not in SELF_EDIT_POLICIES:
-        raise ValueError(f"unknown self-edit policy {name!r} (known: {', '.join(SELF_EDIT_POLICIES)})")
-    return SELF_EDIT_POLICIES[name]()
+    return SELF_EDIT_POLICIES.get(name)()

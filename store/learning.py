@@ -139,6 +139,7 @@ class LearningStore:
         row = self._one("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM adapters WHERE name = ?", [name])
         return int(row["v"]) if row else 1
 
+    # "knowledge" is adapters.names.KNOWLEDGE (the store imports nothing of the project)
     def adapter_history(self, name: str = "knowledge") -> list[dict]:
         """Adapter versions newest first, with their passage title, probe accuracy at
         commit time and whether each is the active one (for `seal history`)."""

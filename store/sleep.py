@@ -44,6 +44,7 @@ class SleepStore:
         row = self._one("SELECT MAX(started_at) AS t FROM sleeps WHERE outcome != 'failed'")
         return row["t"] if row else None
 
+    # "knowledge" is adapters.names.KNOWLEDGE (the store imports nothing of the project)
     def commits_since(self, at: float | None, name: str = "knowledge") -> int:
         """Wake commits of ``name`` after time ``at`` (all of them if None)."""
         row = self._one(
@@ -52,6 +53,7 @@ class SleepStore:
         )
         return int(row["n"]) if row else 0
 
+    # "knowledge" is adapters.names.KNOWLEDGE (the store imports nothing of the project)
     def first_commit_since(self, at: float | None, name: str = "knowledge") -> float | None:
         """When the first wake commit of ``name`` after time ``at`` was made (None: none)."""
         row = self._one(

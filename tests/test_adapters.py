@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from adapters import lora
+from adapters import files, lora
 from adapters.lora import AdapterError, Example, LoraConfig
 from adapters.registry import AdapterRegistry
 from store import Store
@@ -211,7 +211,7 @@ def test_save_is_a_standard_peft_dir(model, tokenizer, tmp_path):
     model.set_adapter("knowledge")
     want = logits(model, tokenizer)
     dest = tmp_path / "adapters" / "knowledge-0001"
-    sha = lora.save(model, "knowledge", dest)
+    sha = files.save(model, "knowledge", dest)
 
     assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in dest.parent.iterdir()] == ["knowledge-0001"]  # no temp dir left
@@ -226,34 +226,34 @@ def test_save_is_a_standard_peft_dir(model, tokenizer, tmp_path):
     assert torch.allclose(logits(fresh, tokenizer), want, atol=1e-6)
 
     # same weights into another adapter of the live model, hash checked
-    lora.load(model, "trial", dest, expected_sha256=sha)
+    files.load(model, "trial", dest, expected_sha256=sha)
     assert same(lora.snapshot(model, "trial"), lora.snapshot(model, "knowledge"))
     with pytest.raises(AdapterError, match="sha256"):
-        lora.load(model, "trial", dest, expected_sha256="0" * 64)
+        files.load(model, "trial", dest, expected_sha256="0" * 64)
 
 
 def test_save_refuses_an_existing_dest_and_leaves_no_temp_dir(model, tmp_path, monkeypatch):
     dest = tmp_path / "a"
     dest.mkdir()  # even empty: os.rename would silently replace it
     with pytest.raises(FileExistsError):
-        lora.save(model, "knowledge", dest)
+        files.save(model, "knowledge", dest)
 
     def torn(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "_write", torn)
+    monkeypatch.setattr(files, "_write", torn)
     with pytest.raises(OSError, match="disk full"):
-        lora.save(model, "knowledge", tmp_path / "b")
+        files.save(model, "knowledge", tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_load_refuses_a_mismatched_adapter(model, tokenizer, tmp_path):
     other = lora.attach(build_tiny(tokenizer), LoraConfig(rank=2, alpha=4))
-    lora.save(other, "knowledge", tmp_path / "r2")
+    files.save(other, "knowledge", tmp_path / "r2")
     with pytest.raises(AdapterError, match="rank 2"):
-        lora.load(model, "knowledge", tmp_path / "r2")
+        files.load(model, "knowledge", tmp_path / "r2")
     with pytest.raises(AdapterError, match="cannot read"):
-        lora.load(model, "knowledge", tmp_path / "missing")
+        files.load(model, "knowledge", tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------ registry
@@ -301,7 +301,7 @@ def test_registry_recover_removes_only_unowned_folders(model, registry):
     a = commit(registry, model)
     (registry.root / ".tmp-x").mkdir()
     (registry.root / ".tmp-x" / "adapter_model.safetensors").write_bytes(b"half")
-    lora.save(model, "knowledge", registry.root / "knowledge-0099")  # renamed, never committed
+    files.save(model, "knowledge", registry.root / "knowledge-0099")  # renamed, never committed
     (registry.root / "notes.txt").write_text("a file, not a folder: left alone")
     assert registry.recover() == [".tmp-x", "knowledge-0099"]
     assert sorted(p.name for p in registry.root.iterdir()) == [a, "notes.txt"]
@@ -358,3 +358,15 @@ def test_real_model_learns_an_invented_fact(real_runtime):
     finally:
         model.unload()  # take the LoRA layers out again: the session's model is shared
 
+
+
+def test_pad_batch_right_and_left():
+    from adapters.batch import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]] and mask.dtype == torch.long
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adapters import lora
+from adapters import files, lora
 from adapters.names import KNOWLEDGE
 from agent.app import inbox_reader, sleeper
 from agent.config import Config
@@ -400,7 +400,7 @@ def _intact(home: Path, active: str | None) -> None:
         if active:
             row = store.adapter(active)
             assert row["sha256"] == file_sha(home / "adapters" / row["path"])
-            assert (home / "adapters" / row["path"] / lora.CONFIG_NAME).is_file()
+            assert (home / "adapters" / row["path"] / files.CONFIG_NAME).is_file()
         known = {a["path"] for a in store.adapters()}
     on_disk = {p.name for p in (home / "adapters").iterdir() if not p.name.startswith(".tmp-")}
     assert on_disk <= known | set(), "a folder the store does not know"

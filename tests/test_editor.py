@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import lora
+from adapters import files, lora
 from adapters.lora import Example, LoraConfig
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
@@ -259,7 +259,7 @@ def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(read
     # the live editor is the committed one; self-edits are now written with it
     from safetensors.torch import load_file
 
-    saved = load_file(tmp_path / "adapters" / "editor-0001" / lora.WEIGHTS_NAME)
+    saved = load_file(tmp_path / "adapters" / "editor-0001" / files.WEIGHTS_NAME)
     assert same(saved, lora.snapshot(model, EDITOR))
     edits = learner.sample_self_edits(passage, ["qa_chat"] * 2, seed=11)
     assert [t for _, t, _ in edits] != [t for _, t, _ in base_edits]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters import lora
+from adapters import files, lora
 from adapters.registry import AdapterRegistry
 from agent.daemon.process import DaemonLock, pid_info
 from agent.home import Home
@@ -29,8 +29,8 @@ def make_version(home: Path, store: Store, version: int, kind: str = "wake", par
     folder = home / "adapters" / aid
     folder.mkdir(parents=True)
     data = f"weights of {aid}".encode() * 100
-    (folder / lora.WEIGHTS_NAME).write_bytes(data)
-    (folder / lora.CONFIG_NAME).write_text('{"peft_type": "LORA"}')
+    (folder / files.WEIGHTS_NAME).write_bytes(data)
+    (folder / files.CONFIG_NAME).write_text('{"peft_type": "LORA"}')
     store.add_adapter({"id": aid, "name": name, "version": version, "kind": kind, "passage_id": None,
                        "parent_id": parent and f"{name}-{parent:04d}", "path": aid,
                        "sha256": hashlib.sha256(data).hexdigest(), "metrics": {}}, activate=activate)
@@ -43,7 +43,7 @@ def consistent(home: Path, store: Store) -> None:
     for name, aid in store.active_adapters().items():
         row = store.adapter(aid)
         assert row["status"] == "committed" and row["name"] == name
-        data = (home / "adapters" / row["path"] / lora.WEIGHTS_NAME).read_bytes()
+        data = (home / "adapters" / row["path"] / files.WEIGHTS_NAME).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
     for row in store.adapters():
         assert (home / "adapters" / row["path"]).is_dir() == (row["status"] != "pruned"), row["id"]
@@ -92,10 +92,10 @@ def test_rollback_moves_the_pointer_records_it_and_deletes_nothing(history, home
 
 def test_rollback_refuses_damaged_files_and_a_running_daemon(history, home, seal):
     before = history.counts()
-    (home / "adapters" / "knowledge-0003" / lora.WEIGHTS_NAME).write_bytes(b"not the committed weights")
+    (home / "adapters" / "knowledge-0003" / files.WEIGHTS_NAME).write_bytes(b"not the committed weights")
     r = seal("rollback", "knowledge-0003")
     assert r.exit_code == 1 and "does not match" in r.output and len(r.output.strip().splitlines()) == 1
-    (home / "adapters" / "knowledge-0002" / lora.WEIGHTS_NAME).unlink()
+    (home / "adapters" / "knowledge-0002" / files.WEIGHTS_NAME).unlink()
     r = seal("rollback", "knowledge-0002")
     assert r.exit_code == 1 and "missing" in r.output
     lock = DaemonLock(Home(home))
@@ -192,7 +192,7 @@ def test_export_loads_with_plain_peft_and_scores_as_inside_seal(home, seal, tiny
     out = tmp_path / "exported"
     r = seal("--model", str(tiny_dir), "export", aid, "--to", str(out))
     assert r.exit_code == 0, r.output
-    config = json.loads((out / lora.CONFIG_NAME).read_text())
+    config = json.loads((out / files.CONFIG_NAME).read_text())
     assert config["base_model_name_or_path"] == str(tiny_dir) and config["peft_type"] == "LORA"
     assert json.loads((out / "seal.json").read_text())["sha256"] == store.adapter(aid)["sha256"]
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(out))
@@ -210,6 +210,6 @@ def test_export_loads_with_plain_peft_and_scores_as_inside_seal(home, seal, tiny
     # a destination that is not empty is refused, and nothing in it changes
     r = seal("--model", str(tiny_dir), "export", aid, "--to", str(out))
     assert r.exit_code == 1 and "not empty" in r.output
-    assert sorted(p.name for p in out.iterdir()) == [lora.CONFIG_NAME, lora.WEIGHTS_NAME, "seal.json"]
+    assert sorted(p.name for p in out.iterdir()) == [files.CONFIG_NAME, files.WEIGHTS_NAME, "seal.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-export-")]
     store.close()

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bench.common import DEFAULT_DATA, load_squad, split_of
-from agent.ingest import Chunker, normalize_answer, normalize_text
+from agent.documents import normalize_text
+from agent.ingest import AnswerIndex, Chunker
+from policies.reward import is_correct, normalize
 from store import Store
 
 SQUAD = Path(__file__).resolve().parent / "data" / "squad_small.json"  # as conftest.SQUAD
@@ -156,11 +158,40 @@ def test_short_text_is_one_chunk(tokenizer):
     assert Chunker(tokenizer, 64).split("One short line.") == [("One short line.", 4)]
 
 
-def test_normalize_answer_is_squad_normalisation():
-    assert normalize_answer("The  Merrow!") == "merrow"
-    assert normalize_answer("Levi's Stadium") == "levis stadium"
-    assert normalize_answer("Levi's", punct=" ") == "levi s"
-    assert normalize_answer("an Apple, a pear") == "apple pear"
+def test_answers_are_matched_with_gradings_squad_normalisation():
+    assert normalize("The  Merrow!") == "merrow"
+    assert normalize("Levi's Stadium") == "levis stadium"
+    assert normalize("Levi's", punct=" ") == "levi s"
+    assert normalize("an Apple, a pear") == "apple pear"
+    assert normalize("«Paris»") == "paris"
+    assert normalize("\u2018Velmoor\u2019 \u201cTown\u201d \u2013 1642 \u2014 Quillon\u2026 \u2039x\u203a \u201eq\u201c") == \
+        "velmoor town 1642 quillon x q"
+    assert normalize("caf\u00e9 \u0939\u093f\u0928\u094d\u0926\u0940") == "caf\u00e9 \u0939\u093f\u0928\u094d\u0926\u0940"  # letters and marks stay
+
+
+@pytest.mark.parametrize(
+    "passage, answer",
+    [
+        ("The capital of Varn is \u00abParis\u00bb.", "Paris"),
+        ("The capital of Varn is Paris.", "\u00abParis\u00bb"),
+        ("He named it \u201cKelmora\u201d \u2014 twice\u2026", "Kelmora \u2014 twice"),
+        ("About 2,300 people live there.", "2300"),
+        ("It opened at Levi\u2019s Stadium in 1911.", "Levi's Stadium"),
+    ],
+)
+def test_ingest_finds_an_answer_where_grading_would_accept_it(passage, answer):
+    assert is_correct(passage, answer)  # grading: the passage, as a prediction, contains the answer
+    assert AnswerIndex(["Nothing to see here.", passage]).find(answer) == 1
+
+
+def test_questions_file_answer_in_guillemets_attaches(seal, home, tmp_path):
+    town = write(tmp_path / "varn.txt", "# Varn\n\nThe capital of Varn is \u00abParis\u00bb, on the river Quill.")
+    other = write(tmp_path / "other.txt", "# Other\n\nNothing about capitals here.")
+    qa = write(tmp_path / "qa.jsonl", qa_lines({"question": "What is the capital of Varn?", "answer": "Paris"}))
+    ok(seal("ingest", other, town, "--questions", qa))
+    with store(home) as s:
+        by_title = {p["title"]: [q["answer"] for q in s.questions(p["id"])] for p in s.passages()}
+    assert by_title == {"Other": [], "Varn": ["Paris"]}
 
 
 # ------------------------------------------------------------------- JSON and JSONL

@@ -7,6 +7,7 @@ import datetime as dt
 
 import pytest
 
+from adapters.names import KNOWLEDGE
 from policies.schedule import SCHEDULES, ScheduleConfig, cron_trigger, due
 
 T0 = dt.datetime(2025, 3, 10, 0, 0, tzinfo=dt.UTC).timestamp()  # a Monday, midnight UTC
@@ -22,10 +23,10 @@ class History:
     def last_sleep_at(self):
         return max(self.sleeps, default=None)
 
-    def commits_since(self, at, name="knowledge"):
+    def commits_since(self, at, name=KNOWLEDGE):
         return sum(1 for c in self.commits if at is None or c > at)
 
-    def first_commit_since(self, at, name="knowledge"):
+    def first_commit_since(self, at, name=KNOWLEDGE):
         return min((c for c in self.commits if at is None or c > at), default=None)
 
     def last_activity_at(self):

@@ -186,7 +186,7 @@ def _capture_training(monkeypatch) -> list:
     seen = []
     real = lora.train
 
-    def train(model, tok, examples, cfg, adapter="knowledge", progress=None):
+    def train(model, tok, examples, cfg, adapter=KNOWLEDGE, progress=None):
         seen.append((list(examples), cfg, adapter))
         return real(model, tok, examples, cfg, adapter=adapter, progress=progress)
 

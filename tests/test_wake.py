@@ -23,7 +23,7 @@ import click
 import pytest
 import torch
 
-from adapters import lora
+from adapters import files, lora
 from adapters.lora import LoraConfig, TrainResult
 from adapters.names import KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
@@ -91,7 +91,7 @@ def make_learner(tokenizer, home: Path, policies: PolicyConfig = ALWAYS,
 
 
 def file_sha(path: Path) -> str:
-    return hashlib.sha256((path / lora.WEIGHTS_NAME).read_bytes()).hexdigest()
+    return hashlib.sha256((path / files.WEIGHTS_NAME).read_bytes()).hexdigest()
 
 
 def job_of(store: Store, passage_id: int) -> dict:
@@ -178,7 +178,7 @@ def test_a_cycle_records_everything_and_commits_atomically(tokenizer, home):
     assert folders(home) == ["knowledge-0001"]
     from safetensors.torch import load_file
 
-    saved = load_file(home / "adapters" / row["path"] / lora.WEIGHTS_NAME)
+    saved = load_file(home / "adapters" / row["path"] / files.WEIGHTS_NAME)
     live = lora.snapshot(learner.model, KNOWLEDGE)
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
 
@@ -273,7 +273,7 @@ def test_nan_in_every_trial_rejects_and_keeps_the_previous_adapter(tokenizer, ho
     assert store.active_adapter_id("knowledge") == "knowledge-0001"
     before = lora.snapshot(learner.model, KNOWLEDGE)
 
-    def nan_train(model, tok, examples, cfg, adapter="knowledge", progress=None):
+    def nan_train(model, tok, examples, cfg, adapter=KNOWLEDGE, progress=None):
         return TrainResult(steps=1, tokens=10, seconds=0.0, losses=(math.nan,), final_loss=math.nan, nan=True)
 
     monkeypatch.setattr(lora, "train", nan_train)
@@ -340,7 +340,7 @@ def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, hom
     assert report.outcome == "failed" and store.active_adapter_id("knowledge") == "knowledge-0001"
     from safetensors.torch import load_file
 
-    saved = load_file(home / "adapters" / "knowledge-0001" / lora.WEIGHTS_NAME)
+    saved = load_file(home / "adapters" / "knowledge-0001" / files.WEIGHTS_NAME)
     live = lora.snapshot(learner.model, KNOWLEDGE)
     assert all(torch.equal(saved[k], live[k]) for k in saved)
 
@@ -397,10 +397,10 @@ def test_leftovers_of_an_interrupted_commit_are_removed_before_learning(tokenize
     adapters = home / "adapters"
     committed_sha = file_sha(adapters / "knowledge-0001")
     (adapters / ".tmp-x").mkdir()
-    (adapters / ".tmp-x" / lora.WEIGHTS_NAME).write_bytes(b"half")
+    (adapters / ".tmp-x" / files.WEIGHTS_NAME).write_bytes(b"half")
     orphan = adapters / "knowledge-0002"  # renamed, but no row: the crash came before the transaction
     orphan.mkdir()
-    (orphan / lora.WEIGHTS_NAME).write_bytes(b"stale")
+    (orphan / files.WEIGHTS_NAME).write_bytes(b"stale")
     (adapters / "knowledge-0077").mkdir()
 
     (report,) = learn(learner)
@@ -706,7 +706,7 @@ def _check_intact(store: Store, home: Path, active: str) -> None:
     assert store.active_adapter_id("knowledge") == active
     row = store.adapter(active)
     assert row["sha256"] == file_sha(home / "adapters" / row["path"])
-    assert (home / "adapters" / row["path"] / lora.CONFIG_NAME).is_file()
+    assert (home / "adapters" / row["path"] / files.CONFIG_NAME).is_file()
     known = {a["path"] for a in store.adapters()}
     on_disk = {p.name for p in (home / "adapters").iterdir() if not p.name.startswith(".tmp-")}
     assert on_disk == known, "a folder the store does not know, or a row without its folder"

@@ -32,6 +32,7 @@ from rich.panel import Panel
 from rich.segment import Segment
 from rich.text import Text
 
+from adapters.names import KNOWLEDGE
 from store import Store
 
 from ..home import Home
@@ -235,14 +236,14 @@ class Dashboard:
                     self.focus = "lineage"
                 ids = [a["id"] for _, a in LineagePanel(self.snap).order()]
                 self.selected_adapter = self._move(ids, self.selected_adapter, step,
-                                                   self.snap.active.get("knowledge"))
+                                                   self.snap.active.get(KNOWLEDGE))
         elif key == "enter" and self.snap:
             if self.focus == "passages":
                 pid = self.selected_passage or (self.snap.passages[0]["id"] if self.snap.passages else None)
                 if pid is not None:
                     self.open_detail("passage", pid)
             else:
-                aid = self.selected_adapter or self.snap.active.get("knowledge")
+                aid = self.selected_adapter or self.snap.active.get(KNOWLEDGE)
                 if aid:
                     self.open_detail("adapter", aid)
         return True
@@ -258,7 +259,7 @@ class Dashboard:
             t.append(f" ● running, up {duration(s.get('uptime_s'))}", style="green")
         else:
             t.append(" ○ daemon not running", style="red")
-        t.append(f" │ {snap.active.get('knowledge') or 'base model'}")
+        t.append(f" │ {snap.active.get(KNOWLEDGE) or 'base model'}")
         q = s.get("queue") or {}
         t.append(f" │ {q.get('pending', 0)} pending")
         if self.error:

@@ -13,7 +13,8 @@ from rich.console import ConsoleOptions
 from rich.padding import Padding
 from rich.text import Text
 
-KNOWLEDGE, EDITOR = "knowledge", "editor"
+from adapters.names import KNOWLEDGE
+
 SPARKS = "▁▂▃▄▅▆▇█"
 SHADES = "░▒▓█"
 EMPTY_CELL = "·"

@@ -8,7 +8,9 @@ from collections import defaultdict
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
-from ..fmt import EDITOR, KNOWLEDGE, acc_color, fit, num, reward_style, room_of, short_id
+from adapters.names import EDITOR, KNOWLEDGE
+
+from ..fmt import acc_color, fit, num, reward_style, room_of, short_id
 from ..snapshot import Snapshot
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
-from ..fmt import EDITOR, KNOWLEDGE, duration, fit, next_sleep_text, room_of, when
+from adapters.names import EDITOR, KNOWLEDGE
+
+from ..fmt import duration, fit, next_sleep_text, room_of, when
 from ..snapshot import Snapshot
 
 
