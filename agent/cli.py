@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import click
 from rich.console import Console
 
+from adapters.names import EDITOR, KNOWLEDGE
+
 from .home import Home
 from .settings import ConfigError, config_items, parse_overrides, resolve_home, to_toml
 
@@ -147,11 +149,11 @@ def adapter_row(app: App, ref: str) -> dict:
     candidates = [ref]
     low = ref.lower()
     if low == "active":
-        candidates = [store.active_adapter_id("knowledge") or ""]
+        candidates = [store.active_adapter_id(KNOWLEDGE) or ""]
     elif low.lstrip("v").isdigit():
-        candidates.append(f"knowledge-{int(low.lstrip('v')):04d}")
+        candidates.append(f"{KNOWLEDGE}-{int(low.lstrip('v')):04d}")
     elif low.startswith("e") and low[1:].isdigit():
-        candidates.append(f"editor-{int(low[1:]):04d}")
+        candidates.append(f"{EDITOR}-{int(low[1:]):04d}")
     for c in candidates:
         row = store.adapter(c) if c else None
         if row is not None:

@@ -16,6 +16,8 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from adapters.names import KNOWLEDGE
+
 from .cli import App, SealCommand, adapter_row, err, fail, out, pass_app, print_table, store_or_none
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,8 @@ def ask(app: App, question: str, context_file: str | None, title: str | None, ma
         if not context:
             fail(f"{context_file}: the file is empty")
     rt = app.runtime
-    if app.home.store_file.exists() and app.learner.registry.active("knowledge"):
-        app.learner.model.set_adapter("knowledge")  # answer from what was learned
+    if app.home.store_file.exists() and app.learner.registry.active(KNOWLEDGE):
+        app.learner.model.set_adapter(KNOWLEDGE)  # answer from what was learned
     prompt = rt.chat(answer_prompt(question.strip(), title=title, context=context))
     (gen,) = rt.generate([prompt], max_new_tokens=max_tokens)
     click.echo(gen.text)
@@ -233,7 +235,7 @@ def learn(app: App, max_passages: int | None) -> None:
         reports = drain(learner, max_passages, log_lines(log.info), on_report=_print_report)
     done = [r for r in reports if r.outcome == "committed"]
     click.echo(f"learned {len(done)} of {len(reports)} passage(s); active adapter: "
-               f"{(learner.registry.active('knowledge') or {}).get('id', 'none (base model)')}")
+               f"{(learner.registry.active(KNOWLEDGE) or {}).get('id', 'none (base model)')}")
     if any(r.outcome == "failed" for r in reports):
         sys.exit(1)
 
@@ -267,7 +269,7 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
         report = None
     elif not app.store.learned_passages():  # nothing to consolidate: no need to load the model
         report = record_skip(app.store, cfg, "manual", "no learned passage yet",
-                             app.store.active_adapter_id("knowledge"))
+                             app.store.active_adapter_id(KNOWLEDGE))
     else:
         learner = app.learner
         learner.recover()  # leftovers of a killed commit go before a new one

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from adapters.names import KNOWLEDGE
 from store import NewDocument, NewPassage, NewQuestion, Store
 
 from ..home import Home
@@ -81,7 +82,7 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
         rows[best]["chosen"] = 1
         version += 1
         commits += 1
-        aid = f"knowledge-{version:04d}"
+        aid = f"{KNOWLEDGE}-{version:04d}"
         at_learning = rng.choice((0.5, 1.0, 1.0, 0.5, 0.0))
         evals = [{"adapter_id": parent, "passage_id": pid, "kind": "probe", "accuracy": 0.0, "f1": 0.0,
                   "logprob": base, "n": 2},
@@ -97,7 +98,7 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
             store.record_cycle({**cy, "outcome": "committed", "adapter_id": a, "reason": "best clears the margin"},
                                rs, ev, job_id=jobs.get(p), now=when)
 
-        store.add_adapter({"id": aid, "name": "knowledge", "version": version, "parent_id": parent, "kind": "wake",
+        store.add_adapter({"id": aid, "name": KNOWLEDGE, "version": version, "parent_id": parent, "kind": "wake",
                            "passage_id": pid, "path": aid, "sha256": _sha(aid), "policy": rows[best]["policy"],
                            "reward": rows[best]["reward_logprob"], "metrics": {"probe_acc": at_learning}},
                           activate=True, also=record, now=t)
@@ -110,8 +111,8 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
         parent = aid
         if rollback_every and version % rollback_every == 0 and version >= 2:
             # a bad version, rolled back: the branch stays, marked
-            back = f"knowledge-{version - 1:04d}"
-            store.rollback("knowledge", back, now=t + 1)
+            back = f"{KNOWLEDGE}-{version - 1:04d}"
+            store.rollback(KNOWLEDGE, back, now=t + 1)
             parent = back
         if sleep_every and commits % sleep_every == 0 and version < versions:
             t += 120.0
@@ -123,7 +124,7 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
 def _sample_sleep(store: Store, rng: random.Random, learned: list[int], parent: str | None, version: int,
                   t: float) -> str:
     """A kept sleep of the sample store: its version, report and retention row."""
-    sid = f"knowledge-{version:04d}"
+    sid = f"{KNOWLEDGE}-{version:04d}"
     scores = {p: rng.choice((0.5, 1.0, 1.0)) for p in learned}
     before = {"retention": 0.6, "logprob": -1.2, "drift_kl": 0.01, "reading_acc": 0.6, "memorisation": 0.05,
               "n_passages": len(learned)}
@@ -137,7 +138,7 @@ def _sample_sleep(store: Store, rng: random.Random, learned: list[int], parent: 
         store.add_evaluations([{"adapter_id": sid, "passage_id": p, "kind": "probe", "accuracy": acc,
                                 "f1": acc, "logprob": -1.0, "n": 2} for p, acc in scores.items()], now=t)
 
-    store.add_adapter({"id": sid, "name": "knowledge", "version": version, "parent_id": parent,
+    store.add_adapter({"id": sid, "name": KNOWLEDGE, "version": version, "parent_id": parent,
                        "kind": "sleep", "passage_id": None, "path": sid, "sha256": _sha(sid),
                        "policy": "replay", "reward": None,
                        "metrics": {"sleep": True, "retention_before": 0.6, "retention_after": after["retention"]}},
@@ -212,7 +213,7 @@ def run_views_bench(versions: int = 300, passages: int | None = None, repeat: in
                                             lambda d=dash, w=w, h=h: d.render(w, h), repeat))
             console = Console(width=80, file=io.StringIO(), color_system=None)
             hist = store.adapter_history()
-            active = store.active_adapter_id("knowledge")
+            active = store.active_adapter_id(KNOWLEDGE)
             last_pid = max(p["id"] for p in store.passage_overview(limit=-1) if p["cycle_id"])
             statics = {
                 "seal history": lambda: console.print(history_table(hist)),

@@ -12,6 +12,8 @@ import json
 import click
 from rich.console import Console
 
+from adapters.names import KNOWLEDGE, SAVED
+
 from ..cli import (
     App,
     SealCommand,
@@ -41,7 +43,7 @@ class JobState(click.Choice):
 
 @click.command(cls=SealCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@click.option("--name", type=click.Choice(["knowledge", "editor"]), default="knowledge", show_default=True,
+@click.option("--name", type=click.Choice(list(SAVED)), default=KNOWLEDGE, show_default=True,
               help="which adapter's versions")
 @click.option("--tree", is_flag=True, help="the lineage as a tree (wake commits, sleeps, rolled-back branches)")
 @pass_app
