@@ -113,6 +113,24 @@ def fail(message: str) -> None:
     raise click.ClickException(message)
 
 
+def progress_bar(console: Console, rate: bool = False):
+    """seal's one progress bar: what it is doing, the bar, done/total, (a rate,) elapsed
+    and ETA; gone when it finishes (rich's Progress, on ``console``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn("{task.fields[rate]}")] if rate else []
+    return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    redirect_stdout=False, redirect_stderr=False)
+
+
 def print_table(table) -> None:
     """A rich table on a terminal; plain text without trailing padding in a pipe."""
     if out.is_terminal:

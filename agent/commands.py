@@ -18,7 +18,18 @@ from rich.text import Text
 
 from adapters.names import KNOWLEDGE
 
-from .cli import App, SealCommand, adapter_row, err, fail, out, pass_app, print_table, store_or_none
+from .cli import (
+    App,
+    SealCommand,
+    adapter_row,
+    err,
+    fail,
+    out,
+    pass_app,
+    print_table,
+    progress_bar,
+    store_or_none,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +210,7 @@ def learn(app: App, max_passages: int | None) -> None:
     if err.is_terminal:
         import time
 
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=err, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+        with progress_bar(err, rate=True) as bar:
             task = bar.add_task("learning", total=total, rate="")
             started, tokens = time.monotonic(), [0]
 
@@ -298,17 +298,7 @@ class _StepProgress:
     elapsed, ETA; a new total starts a fresh bar), a message names the current step."""
 
     def __init__(self, description: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=err, transient=True)
+        self.bar = progress_bar(err)
         self.task = self.bar.add_task(description, total=None)
 
     def __call__(self, e) -> None:

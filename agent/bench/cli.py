@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..cli import App, SealGroup, err, fail, pass_app, print_table
+from ..cli import App, SealGroup, err, fail, pass_app, print_table, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -416,17 +416,7 @@ class _progress:
     def __enter__(self):
         if not err.is_terminal:
             return (lambda msg: log.info(msg)), (lambda i, n: err.print(f"{i}/{n} done"))
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        self.bar = progress_bar(err)
         self.bar.__enter__()
         task = self.bar.add_task("starting", total=self.total)
         return (lambda msg: self.bar.update(task, description=msg[:50])), (lambda i, n: self.bar.update(task, completed=i))
