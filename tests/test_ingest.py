@@ -20,8 +20,7 @@ from agent.documents import normalize_text
 from agent.ingest import AnswerIndex, Chunker
 from policies.reward import is_correct, normalize
 from store import Store
-
-SQUAD = Path(__file__).resolve().parent / "data" / "squad_small.json"  # as conftest.SQUAD
+from tests.helpers import SQUAD
 
 
 @pytest.fixture(autouse=True)

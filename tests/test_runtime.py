@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from agent.runtime import ModelConfig, ModelError, Runtime
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Prompts of clearly different lengths, so that batches need padding.
 PROMPTS = [

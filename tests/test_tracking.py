@@ -16,7 +16,7 @@ from agent.tracking import forgetting_summary
 from agent.wake import learn
 from policies.self_edit import PassageOnly, passage_text
 from store import Store
-from tests.test_wake import BRISK, FAST_WAKE, VARN, document, make_learner
+from tests.helpers import BRISK, FAST_WAKE, VARN, document, make_learner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
