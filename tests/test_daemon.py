@@ -394,6 +394,7 @@ def _intact(home: Path, active: str | None) -> None:
     assert on_disk <= known | set(), "a folder the store does not know"
 
 
+@pytest.mark.process
 def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, tiny_dir):
     log = home / "logs" / "daemon.log"
     try:
@@ -440,6 +441,7 @@ def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, ti
         _kill(home)
 
 
+@pytest.mark.process
 def test_a_daemon_that_cannot_load_its_model_fails_to_start_in_one_line(home, tmp_path):
     cmd = [sys.executable, "-m", "agent.cli", "--home", str(home), "--model", str(tmp_path / "missing"), "daemon", "start"]
     r = _run(cmd, ok=False)
@@ -449,6 +451,7 @@ def test_a_daemon_that_cannot_load_its_model_fails_to_start_in_one_line(home, tm
     assert running(Home(home)) is None and read_pidfile(Home(home)) is None
 
 
+@pytest.mark.process
 def test_stop_now_stops_a_busy_daemon_cold(home, tiny_dir):
     """`seal daemon stop --now` (stop_daemon(now=True)) on a daemon that is busy loading
     its model: the first SIGTERM asks for a warm stop, the second ends it at once."""
@@ -493,6 +496,7 @@ def _ingest(home: Path, tiny_dir: Path, *docs) -> None:
     _run(_cli(home, tiny_dir, "ingest", str(folder)))
 
 
+@pytest.mark.process
 def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     try:
@@ -509,6 +513,7 @@ def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     assert "gave back passage" in (home / "logs" / "daemon.log").read_text()
 
 
+@pytest.mark.process
 def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir):
     _ingest(home, tiny_dir, VARN, BRISK)
     _run(_cli(home, tiny_dir, "--set", "wake.candidates=1", "learn", "--max-passages", "1"))
@@ -542,6 +547,7 @@ def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir)
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.process
 def test_kill_9_mid_sleep_then_restart_keeps_the_committed_version_and_sleeps_again(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     sleepy = ["--set", "schedule.policy=commits", "--set", "schedule.every_commits=1", "--set", "sleep.restem=false",

@@ -467,6 +467,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(seal, home, tmp_path, c
 
 
 # --------------------------------------------------------- durability, concurrency
+@pytest.mark.process
 def test_ingest_is_durable_for_another_process(seal, home, tmp_path):
     ok(seal("ingest", write(tmp_path / "town.md", VELMOOR)))
     code = (

@@ -378,6 +378,7 @@ def test_seal_sleep_on_an_empty_home_or_store_loads_no_model(seal, home, tmp_pat
 
 
 # ------------------------------------------------------------------ kill -9 mid-sleep
+@pytest.mark.process
 def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_runs(seal, home, tmp_path, tiny_dir):
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -19,7 +19,7 @@ from store import Store
 from tests.helpers import REPO, one_adapter
 
 TMUX = shutil.which("tmux")
-pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+pytestmark = [pytest.mark.process, pytest.mark.skipif(TMUX is None, reason="tmux is not installed")]
 
 
 class Term:

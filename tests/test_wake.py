@@ -642,6 +642,7 @@ def test_every_command_has_help(seal):
 
 
 # ------------------------------------------------------------ kill -9 in mid-cycle
+@pytest.mark.process
 def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tiny_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
