@@ -1,7 +1,7 @@
 """What the test modules share: the tiny model, the fast configurations, the passages
 and documents, a learner on a temp home, the checks of an adapter folder, a store
 with one learned adapter, and the helpers that run the CLI as a real process (the
-tests that call them carry the ``process`` marker)."""
+tests that call them carry the ``process`` marker; tests/test_tiers.py checks it)."""
 
 from __future__ import annotations
 
