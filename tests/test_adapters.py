@@ -117,6 +117,7 @@ def test_train_the_trial_adapter_leaves_knowledge(model, tokenizer):
     assert not same(lora.snapshot(model, "trial"), knowledge)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(tokenizer):
     examples = [Example("", TEXT), Example("Q: who built it?\nA:", " Ada Tennock", eos=True), Example("", "Whale oil.")]
     cfg = LoraConfig(**{**CFG.__dict__, "batch_size": 2, "dropout": 0.1})

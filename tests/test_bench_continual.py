@@ -42,6 +42,7 @@ def _run(tokenizer, data_file: Path) -> dict:
     return run_continual(runtime, _cfg(), data_path=data_file, passages=3, sleep_every=2, seed=1, split="all")
 
 
+@pytest.mark.slow
 def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, seal, tmp_path):
     result = _run(tokenizer, data_file)
     by_cond = {r["condition"]: r for r in result["runs"]}
@@ -66,6 +67,7 @@ def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, sea
     assert max(len(line) for line in r.output.splitlines()) <= 80
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures(tokenizer, data_file):
     a, b = _run(tokenizer, data_file), _run(tokenizer, data_file)
     strip = lambda r: [[row["scores"] for row in run["rows"]] for run in r["runs"]]  # noqa: E731

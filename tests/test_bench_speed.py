@@ -49,6 +49,7 @@ def _learner(tokenizer, tmp_path: Path, mode: str = "optimised", pad_to: int = 2
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_both_runs_end_to_end_write_every_step_and_show_prints_them(seal, tiny_dir, data_file, tmp_path):
     out = tmp_path / "speed.json"
     r = seal("--model", tiny_dir, "--set", "policies.self_edit=implications", "--set", "wake.self_edit_tokens=12",

@@ -74,6 +74,7 @@ def _figures(result: dict) -> list:
         for p in result["per_passage"]]
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_same_seed_reproduces_every_figure(tokenizer, data_file):
     first = _squad(tokenizer, data_file)
     assert [r["condition"] for r in first["rows"]] == ["base", "passage", "implications", "rewrite", "best-of-2", "open-book"]
@@ -83,6 +84,7 @@ def test_a_rerun_with_the_same_seed_reproduces_every_figure(tokenizer, data_file
     assert _figures(_squad(tokenizer, data_file)) == _figures(first)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tokenizer, data_file):
     full = _squad(tokenizer, data_file)
     saved: list[dict] = []
@@ -102,6 +104,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tokenizer, data_file):
         _squad(tokenizer, data_file, previous=other)
 
 
+@pytest.mark.slow
 def test_editors_are_trained_on_tune_passages_and_give_rows(tokenizer, data_file, tmp_path):
     runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
     out = tmp_path / "editors"

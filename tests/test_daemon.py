@@ -152,6 +152,7 @@ def test_a_burst_ingests_the_inbox_like_seal_ingest_and_learns_it(tokenizer, hom
     assert r.cycles == [] and store.queue_summary()["done"] == 1
 
 
+@pytest.mark.slow
 def test_the_schedule_fires_a_sleep_after_n_commits_with_an_injected_clock(tokenizer, home):
     clock = Clock()
     fake = FakeSleep()
@@ -264,6 +265,7 @@ def test_a_second_signal_stops_cold_and_gives_the_claim_back(tokenizer, home, mo
     assert store.get_state("daemon.activity") == "stopped (cold)"
 
 
+@pytest.mark.slow
 def test_the_real_sleep_phase_runs_when_due_and_is_recorded(tokenizer, home):
     """The default sleep function (agent.sleep.sleep_phase) as the daemon calls it."""
     from agent.sleep import SleepConfig

@@ -203,6 +203,7 @@ def ready(tokenizer, tmp_path):
     return learner, perturb_knowledge(learner)
 
 
+@pytest.mark.slow
 def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(ready, tmp_path):
     learner, knowledge = ready
     store, model = learner.store, learner.model
@@ -271,6 +272,7 @@ def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(read
     assert r2.reward_after == r.reward_after and r2.reward_before == r.reward_after
 
 
+@pytest.mark.slow
 def test_a_worse_editor_is_rejected_and_changes_nothing(ready, tmp_path):
     learner, knowledge = ready
     demand = dataclasses.replace(FAST_EDITOR, tolerance=-1e9)  # demand an impossible gain
@@ -299,7 +301,7 @@ def _count_stops(learner, cfg) -> int:
     return calls[0]
 
 
-@pytest.mark.parametrize("when", ["before SFT", "during SFT", "before commit"])
+@pytest.mark.parametrize("when", ["before SFT", "during SFT", pytest.param("before commit", marks=pytest.mark.slow)])
 def test_should_stop_abandons_without_a_trace(ready, tmp_path, when):
     learner, knowledge = ready
     keep = dataclasses.replace(FAST_EDITOR, tolerance=1e9)

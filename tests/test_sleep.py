@@ -109,6 +109,7 @@ def test_a_kept_sleep_commits_a_sleep_version_and_records_report_and_rows(tokeni
         assert (after[int(pid)]["accuracy"], after[int(pid)]["logprob"]) == pytest.approx((acc, lp))
 
 
+@pytest.mark.slow
 def test_a_worse_sleep_is_rolled_back_and_says_why(tokenizer, home):
     learner = learned_home(tokenizer, home)
     store = learner.store
@@ -194,6 +195,7 @@ def _capture_training(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.slow
 def test_replay_retrains_old_passages_from_their_committed_self_edits(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
     store = learner.store
@@ -218,6 +220,7 @@ def test_replay_retrains_old_passages_from_their_committed_self_edits(tokenizer,
     assert report.n_examples == len(expected) and report.n_dreams == 0
 
 
+@pytest.mark.slow
 def test_dreams_are_free_generations_from_bos_with_adapters_disabled(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     rt = learner.runtime
@@ -272,6 +275,7 @@ def test_merging_copies_of_one_adapter_gives_it_back(tokenizer, kind):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (kind, key)
 
 
+@pytest.mark.slow
 def test_a_merge_sleep_yields_an_adapter_that_loads_into_knowledge(tokenizer, home):
     learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
     store = learner.store
@@ -308,6 +312,7 @@ def test_a_sleep_with_nothing_learned_is_skipped(tokenizer, home):
     assert row["outcome"] == "skipped" and learner.store.adapters() == []
 
 
+@pytest.mark.slow
 def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     store = learner.store
@@ -327,6 +332,7 @@ def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, hom
     assert live_equals_file(learner, active)
 
 
+@pytest.mark.slow
 def test_a_failing_editor_round_never_undoes_a_kept_consolidation(tokenizer, home, monkeypatch):
     import agent.editor
 
@@ -346,6 +352,7 @@ def test_a_failing_editor_round_never_undoes_a_kept_consolidation(tokenizer, hom
     assert (round_["sleep_id"], round_["outcome"]) == (report.sleep_id, "failed")
 
 
+@pytest.mark.slow
 def test_a_failure_mid_sleep_is_recorded_and_keeps_the_active_adapter(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     active = learner.store.active_adapter_id(KNOWLEDGE)

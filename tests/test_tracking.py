@@ -242,6 +242,7 @@ def test_memorisation_of_the_untrained_tiny_model_is_none(tokenizer, home):
 
 
 # ------------------------------------------------------------ wake commits track
+@pytest.mark.slow
 def test_a_wake_commit_records_drift_and_memorisation_of_the_new_version(tokenizer, home):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN), document(*BRISK)])

@@ -210,6 +210,7 @@ def test_seal_history_lists_versions_newest_first(tokenizer, home, seal):
     assert all(r["title"] and r["policy"] and r["probe_acc"] is not None for r in rows)
 
 
+@pytest.mark.slow
 def test_seal_history_table_fits_80_columns_with_whole_ids(tokenizer, home, seal):
     _two_versions(tokenizer, home)
     r = seal("history")
@@ -250,6 +251,7 @@ def test_nan_in_every_trial_rejects_and_keeps_the_previous_adapter(tokenizer, ho
     assert job_of(store, 2)["state"] == "done"
 
 
+@pytest.mark.slow
 def test_a_failure_inside_the_commit_transaction_leaves_nothing_behind(tokenizer, home, monkeypatch):
     """The adapter row, the active pointer and the cycle land together or not at all:
     a failure while recording the cycle removes the new folder, keeps the parent
@@ -280,6 +282,7 @@ def test_a_failure_inside_the_commit_transaction_leaves_nothing_behind(tokenizer
     assert report.adapter_id == "knowledge-0002" and job_of(store, 2)["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     store = learner.store
@@ -341,6 +344,7 @@ def test_ctrl_c_gives_the_claim_back(tokenizer, home, monkeypatch):
     assert learner.store.cycles() == [] and learner.store.adapters() == []
 
 
+@pytest.mark.slow
 def test_leftovers_of_an_interrupted_commit_are_removed_before_learning(tokenizer, home):
     """The recovery primitive of 'kill -9 during the commit': a temp dir of an
     unfinished save, and a folder renamed into place whose transaction never
