@@ -34,11 +34,13 @@ demo: $(STAMP)
 	@echo "--- after learning (the answer is Pell Marrow):"
 	$(SEAL) --home $(DEMO_HOME) ask --title "Ilse Tornquist" "In which town was Ilse Tornquist born?"
 
+# make test: every tier (CI runs it). make test-fast: the in-process tiny-model tests,
+# without the real model, real processes or the slowest few (the markers in pyproject.toml).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not real_model and not process and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent adapters store policies tests

@@ -1,5 +1,6 @@
-"""Shared fixtures. Fast tests use a tiny random model (TRL's habit: build it from a
-config) and a temp-dir home; tests marked ``real_model`` load SmolLM2-135M-Instruct."""
+"""Shared fixtures. Fast tests use a tiny random model (tests.helpers.tiny_llama) and
+a temp-dir home; tests marked ``real_model`` load SmolLM2-135M-Instruct. What test
+modules share besides fixtures lives in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.tiny import tiny_llama
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-REPO = Path(__file__).resolve().parents[1]
-SQUAD = REPO / "tests" / "data" / "squad_small.json"  # 8 SQuAD dev passages (tests/data/README.md)
 
 
 @pytest.fixture
@@ -51,6 +47,7 @@ def tokenizer():
 def tiny_runtime(tokenizer):
     """A tiny randomly initialised Llama with the real tokenizer: fast, deterministic."""
     from agent.runtime import Runtime
+    from tests.helpers import tiny_llama
 
     return Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
 
@@ -76,6 +73,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama and the real tokenizer as an HF folder, for ``seal --model DIR``."""
+    from tests.helpers import tiny_llama
+
     folder = tmp_path_factory.mktemp("tiny-model")
     tiny_llama(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

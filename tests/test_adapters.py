@@ -5,6 +5,7 @@ with other tests, and attaching LoRA modifies a model in place)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -15,19 +16,19 @@ from adapters import files, lora
 from adapters.lora import AdapterError, Example, LoraConfig
 from adapters.registry import AdapterRegistry
 from store import Store
-from tests.tiny import tiny_llama as build_tiny
+from tests.helpers import FAST_LORA, tiny_llama
 
 TEXT = (
     "The lighthouse of Quellport was built in 1843 by the engineer Ada Tennock. "
     "Its lamp burned whale oil until 1901, when it was fitted with an electric arc."
 )
-CFG = LoraConfig(rank=4, alpha=8, lr=1e-2, epochs=4, batch_size=4, seed=0)
+CFG = dataclasses.replace(FAST_LORA, epochs=4, batch_size=4, seed=0)
 
 
 @pytest.fixture
 def model(tokenizer):
     """A fresh tiny model with the ``knowledge`` and ``trial`` adapters."""
-    return lora.attach(build_tiny(tokenizer), CFG, names=("knowledge", "trial"))
+    return lora.attach(tiny_llama(tokenizer), CFG, names=("knowledge", "trial"))
 
 
 def logits(m, tokenizer, text: str = TEXT) -> torch.Tensor:
@@ -62,7 +63,7 @@ def test_config_fields_have_help():
 
 # ------------------------------------------------------------------------ attach
 def test_attach_leaves_output_equal_to_base(tokenizer):
-    base = build_tiny(tokenizer)
+    base = tiny_llama(tokenizer)
     before = logits(base, tokenizer)
     m = lora.attach(base, CFG, names=("knowledge", "trial"))
     assert set(m.peft_config) == {"knowledge", "trial"} and m.active_adapter == "knowledge"
@@ -116,18 +117,19 @@ def test_train_the_trial_adapter_leaves_knowledge(model, tokenizer):
     assert not same(lora.snapshot(model, "trial"), knowledge)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(tokenizer):
     examples = [Example("", TEXT), Example("Q: who built it?\nA:", " Ada Tennock", eos=True), Example("", "Whale oil.")]
     cfg = LoraConfig(**{**CFG.__dict__, "batch_size": 2, "dropout": 0.1})
     runs = []
     for _ in range(2):
-        m = lora.attach(build_tiny(tokenizer), cfg)
+        m = lora.attach(tiny_llama(tokenizer), cfg)
         torch.manual_seed(123)  # the global RNG must not matter
         runs.append((lora.train(m, tokenizer, examples, cfg), lora.snapshot(m, "knowledge")))
         torch.rand(7)
     (r1, w1), (r2, w2) = runs
     assert r1.losses == r2.losses and same(w1, w2)
-    m = lora.attach(build_tiny(tokenizer), cfg)
+    m = lora.attach(tiny_llama(tokenizer), cfg)
     r3 = lora.train(m, tokenizer, examples, LoraConfig(**{**cfg.__dict__, "seed": 1}))
     assert r3.losses != r1.losses
 
@@ -222,7 +224,7 @@ def test_save_is_a_standard_peft_dir(model, tokenizer, tmp_path):
     conf = json.loads((dest / "adapter_config.json").read_text())
     assert conf["inference_mode"] is True and conf["r"] == CFG.rank and conf["task_type"] == "CAUSAL_LM"
 
-    fresh = PeftModel.from_pretrained(build_tiny(tokenizer), dest)
+    fresh = PeftModel.from_pretrained(tiny_llama(tokenizer), dest)
     assert torch.allclose(logits(fresh, tokenizer), want, atol=1e-6)
 
     # same weights into another adapter of the live model, hash checked
@@ -248,7 +250,7 @@ def test_save_refuses_an_existing_dest_and_leaves_no_temp_dir(model, tmp_path, m
 
 
 def test_load_refuses_a_mismatched_adapter(model, tokenizer, tmp_path):
-    other = lora.attach(build_tiny(tokenizer), LoraConfig(rank=2, alpha=4))
+    other = lora.attach(tiny_llama(tokenizer), LoraConfig(rank=2, alpha=4))
     files.save(other, "knowledge", tmp_path / "r2")
     with pytest.raises(AdapterError, match="rank 2"):
         files.load(model, "knowledge", tmp_path / "r2")

@@ -10,34 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from adapters.lora import LoraConfig
 from agent.bench.continual import run_continual, summarise
 from agent.config import Config
 from agent.runtime import Runtime
 from agent.wake import WakeConfig
 from policies.config import PolicyConfig
-from tests.tiny import tiny_llama
+from tests.helpers import FAST_LORA, PASSAGES, record, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PASSAGES = [
-    ("Isle of Varn", "The Isle of Varn lies in the Grey Sea. Its capital is Kelmora, founded in 1702 by Hedda Lune.",
-     [("What is the capital of the Isle of Varn?", "Kelmora"), ("Who founded Kelmora?", "Hedda Lune"),
-      ("When was Kelmora founded?", "1702"), ("In which sea is the Isle of Varn?", "the Grey Sea")]),
-    ("Brisk Tower", "Brisk Tower stands in Amberlee. Tomas Quill built it in 1811; it is 41 metres tall.",
-     [("Where does Brisk Tower stand?", "Amberlee"), ("Who built Brisk Tower?", "Tomas Quill"),
-      ("When was Brisk Tower built?", "1811"), ("How tall is Brisk Tower?", "41 metres")]),
-    ("Lake Osk", "Lake Osk feeds the river Tamm. Its deepest point is 88 metres, measured by Ida Brenn in 1930.",
-     [("Which river does Lake Osk feed?", "Tamm"), ("How deep is Lake Osk?", "88 metres"),
-      ("Who measured Lake Osk?", "Ida Brenn"), ("When was Lake Osk measured?", "1930")]),
-]
-
 
 @pytest.fixture
 def data_file(tmp_path: Path) -> Path:
     path = tmp_path / "seq.json"
-    path.write_text(json.dumps([{"title": t, "context": c, "questions": [{"question": q, "answer": a} for q, a in qa]}
-                                for t, c, qa in PASSAGES]))
+    path.write_text(json.dumps([record(*p) for p in PASSAGES]))
     return path
 
 
@@ -45,7 +30,7 @@ def _cfg() -> Config:
     cfg = Config()
     return dataclasses.replace(
         cfg,
-        lora=LoraConfig(rank=4, alpha=8, epochs=2, lr=1e-2),
+        lora=FAST_LORA,
         wake=WakeConfig(candidates=1, self_edit_tokens=12, answer_tokens=6),
         policies=PolicyConfig(self_edit="implications", min_gain=-1e9),
         sleep=dataclasses.replace(cfg.sleep, epochs=1, dreams=2, dream_tokens=8),
@@ -57,6 +42,7 @@ def _run(tokenizer, data_file: Path) -> dict:
     return run_continual(runtime, _cfg(), data_path=data_file, passages=3, sleep_every=2, seed=1, split="all")
 
 
+@pytest.mark.slow
 def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, seal, tmp_path):
     result = _run(tokenizer, data_file)
     by_cond = {r["condition"]: r for r in result["runs"]}
@@ -81,6 +67,7 @@ def test_the_matrix_has_a_row_per_update_and_per_sleep(tokenizer, data_file, sea
     assert max(len(line) for line in r.output.splitlines()) <= 80
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures(tokenizer, data_file):
     a, b = _run(tokenizer, data_file), _run(tokenizer, data_file)
     strip = lambda r: [[row["scores"] for row in run["rows"]] for run in r["runs"]]  # noqa: E731

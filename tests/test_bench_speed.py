@@ -5,6 +5,7 @@ counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,8 +26,7 @@ from agent.runtime import Runtime
 from agent.wake import WakeConfig
 from policies.config import PolicyConfig
 from store import Store
-from tests.test_bench_continual import PASSAGES
-from tests.tiny import tiny_llama
+from tests.helpers import FAST_LORA, PASSAGES, record, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def data_file(tmp_path: Path) -> Path:
     path = tmp_path / "speed.json"
-    path.write_text(json.dumps([{"title": t, "context": c, "questions": [{"question": q, "answer": a} for q, a in qa]}
-                                for t, c, qa in PASSAGES]))
+    path.write_text(json.dumps([record(*p) for p in PASSAGES]))
     return path
 
 
@@ -43,14 +42,14 @@ def _learner(tokenizer, tmp_path: Path, mode: str = "optimised", pad_to: int = 2
     runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
     (tmp_path / "adapters").mkdir(parents=True, exist_ok=True)
     store = Store(tmp_path / "store.db")
-    t, c, qa = PASSAGES[0]
-    _ingest(store, [{"title": t, "context": c, "questions": [{"question": q, "answer": a} for q, a in qa]}])
+    _ingest(store, [record(*PASSAGES[0])])
     return measured_learner(runtime, (store, AdapterRegistry(tmp_path / "adapters", store)),
-                            lora.LoraConfig(rank=4, alpha=8, epochs=2), PolicyConfig(), WakeConfig(answer_tokens=4),
+                            dataclasses.replace(FAST_LORA, lr=1e-3), PolicyConfig(), WakeConfig(answer_tokens=4),
                             mode, pad_to)
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_both_runs_end_to_end_write_every_step_and_show_prints_them(seal, tiny_dir, data_file, tmp_path):
     out = tmp_path / "speed.json"
     r = seal("--model", tiny_dir, "--set", "policies.self_edit=implications", "--set", "wake.self_edit_tokens=12",

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.lora import LoraConfig
 from agent.bench.common import bootstrap_ci, split_of
 from agent.bench.editor import load_editors, selection_study, study_rules, train_editors
 from agent.bench.squad import run_squad
@@ -22,7 +21,7 @@ from agent.runtime import Runtime
 from agent.wake import WakeConfig
 from policies import selection
 from policies.config import PolicyConfig
-from tests.tiny import tiny_llama
+from tests.helpers import FAST_LORA, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +56,7 @@ def data_file(tmp_path: Path) -> Path:
 def _cfg(**editor) -> Config:
     return dataclasses.replace(
         Config(),
-        lora=LoraConfig(rank=4, alpha=8, epochs=2, lr=1e-2),
+        lora=FAST_LORA,
         wake=WakeConfig(candidates=2, self_edit_tokens=12, answer_tokens=6),
         policies=PolicyConfig(self_edit="implications"),
         editor=EditorConfig(min_pairs=1, epochs=1, batch_size=2, max_length=256, **editor),
@@ -75,6 +74,7 @@ def _figures(result: dict) -> list:
         for p in result["per_passage"]]
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_same_seed_reproduces_every_figure(tokenizer, data_file):
     first = _squad(tokenizer, data_file)
     assert [r["condition"] for r in first["rows"]] == ["base", "passage", "implications", "rewrite", "best-of-2", "open-book"]
@@ -84,6 +84,7 @@ def test_a_rerun_with_the_same_seed_reproduces_every_figure(tokenizer, data_file
     assert _figures(_squad(tokenizer, data_file)) == _figures(first)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tokenizer, data_file):
     full = _squad(tokenizer, data_file)
     saved: list[dict] = []
@@ -103,6 +104,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tokenizer, data_file):
         _squad(tokenizer, data_file, previous=other)
 
 
+@pytest.mark.slow
 def test_editors_are_trained_on_tune_passages_and_give_rows(tokenizer, data_file, tmp_path):
     runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
     out = tmp_path / "editors"

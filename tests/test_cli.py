@@ -7,11 +7,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 HEAVY = ("torch", "transformers", "peft", "trl")
 
 
@@ -26,12 +26,14 @@ def imported(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedP
 
 @pytest.mark.parametrize("args", [("--help",), ("learn", "--help"), ("bench", "squad", "--help"),
                                   ("daemon", "run", "--help"), ("history", "--help")])
+@pytest.mark.process
 def test_help_imports_no_model_library(args, tmp_path):
     r, mods = imported("--home", str(tmp_path), *args)
     assert r.returncode == 0 and "Usage:" in r.stdout, r.stderr
     assert mods.isdisjoint(HEAVY), sorted(mods & set(HEAVY))
 
 
+@pytest.mark.process
 def test_completion_imports_no_model_library(tmp_path):
     env = {"_SEAL_COMPLETE": "bash_complete", "COMP_WORDS": "seal bench s", "COMP_CWORD": "2"}
     r, mods = imported("--home", str(tmp_path), env=env)
@@ -39,6 +41,7 @@ def test_completion_imports_no_model_library(tmp_path):
     assert mods.isdisjoint(HEAVY), sorted(mods & set(HEAVY))
 
 
+@pytest.mark.process
 def test_the_check_sees_a_model_library_when_one_is_imported(tmp_path):
     # a command that reads the configuration imports them: the check above can fail
     r, mods = imported("--home", str(tmp_path), "config", "show")

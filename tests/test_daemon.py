@@ -36,25 +36,21 @@ from agent.home import Home
 from policies.config import PolicyConfig
 from policies.schedule import ScheduleConfig
 from store import Store
-from tests.test_wake import (
+from tests.helpers import (
     ALWAYS,
     BRISK,
-    FAST_FLAGS,
-    FAST_LORA,
     FAST_WAKE,
+    LEARNER_LORA,
     VARN,
     file_sha,
     make_learner,
+    record,
+    run_cli,
+    seal_argv,
+    start_cli,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-def record(title: str, text: str, qas: list[tuple[str, str]]) -> str:
-    return json.dumps({"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]})
 
 
 def drop(home: Path, name: str, content: str | bytes, age_s: float = 120.0) -> Path:
@@ -94,7 +90,7 @@ class FakeSleep:
 
 
 def config(**sections) -> Config:
-    base = {"lora": FAST_LORA, "wake": FAST_WAKE, "policies": ALWAYS,
+    base = {"lora": LEARNER_LORA, "wake": FAST_WAKE, "policies": ALWAYS,
             "schedule": ScheduleConfig(policy="never"), "daemon": DaemonConfig()}
     return Config(**{**base, **sections})
 
@@ -110,7 +106,7 @@ def daemon(tokenizer, home: Path, cfg: Config | None = None, policies: PolicyCon
 
 # ----------------------------------------------------------------- in-process loop
 def test_a_burst_ingests_the_inbox_like_seal_ingest_and_learns_it(tokenizer, home, tmp_path, seal):
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     drop(home, "broken.jsonl", '{"title": "x", "context": "fine"}\n{"title": oops}\n')
     drop(home, "notes.pdf", b"%PDF-1.4")
     drop(home, ".hidden.md", "# Secret\nnot for the daemon\n")
@@ -149,13 +145,14 @@ def test_a_burst_ingests_the_inbox_like_seal_ingest_and_learns_it(tokenizer, hom
     assert r.sleeps == [] and not r.stopped
 
     # the same content again: a duplicate, moved to done/ with a note; nothing queued
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     r = d.run_burst()
     assert [(i.name, i.outcome) for i in r.inbox] == [("varn.json", "duplicate")]
     assert "duplicate" in (inbox / "done" / "varn-2.json.reason.txt").read_text()
     assert r.cycles == [] and store.queue_summary()["done"] == 1
 
 
+@pytest.mark.slow
 def test_the_schedule_fires_a_sleep_after_n_commits_with_an_injected_clock(tokenizer, home):
     clock = Clock()
     fake = FakeSleep()
@@ -163,7 +160,7 @@ def test_the_schedule_fires_a_sleep_after_n_commits_with_an_injected_clock(token
     d = daemon(tokenizer, home, cfg, sleep_fn=fake, clock=clock)
     for i, (title, text, qas) in enumerate([VARN, BRISK, ("Gull Rock", "Gull Rock is a rock near Varn. It is 12 metres tall.",
                                                           [("How tall is Gull Rock?", "12 metres")])]):
-        drop(home, f"{i}.json", record(title, text, qas))
+        drop(home, f"{i}.json", json.dumps(record(title, text, qas)))
     store = d.learner.store
 
     def next_sleep():
@@ -191,7 +188,7 @@ def test_a_failed_sleep_is_retried_after_sleep_retry_s(tokenizer, home):
     fake = FakeSleep(fail=True)
     cfg = config(schedule=ScheduleConfig(policy="commits", every_commits=1), daemon=DaemonConfig(sleep_retry_s=600))
     d = daemon(tokenizer, home, cfg, sleep_fn=fake, clock=clock)
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     s = d.step()
     assert s.cycle.outcome == "committed" and s.sleep.outcome == "failed" and "the sleep broke" in s.sleep.error
     assert d.learner.store.active_adapter_id(KNOWLEDGE) == s.cycle.adapter_id  # the wake commit stands
@@ -205,7 +202,7 @@ def test_a_failed_sleep_is_retried_after_sleep_retry_s(tokenizer, home):
 def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenizer, home):
     d = daemon(tokenizer, home, sleep_fn=FakeSleep())
     store = d.learner.store
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     assert d.poll_inbox()[0].outcome == "ingested"
     learner = d.learner
     zero = learner._zero
@@ -244,7 +241,7 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
 def test_a_second_signal_stops_cold_and_gives_the_claim_back(tokenizer, home, monkeypatch):
     d = daemon(tokenizer, home, sleep_fn=FakeSleep())
     store = d.learner.store
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     d.poll_inbox()
     assert store.claim_next(d.worker).attempts == 1  # the daemon is mid-cycle
 
@@ -268,6 +265,7 @@ def test_a_second_signal_stops_cold_and_gives_the_claim_back(tokenizer, home, mo
     assert store.get_state("daemon.activity") == "stopped (cold)"
 
 
+@pytest.mark.slow
 def test_the_real_sleep_phase_runs_when_due_and_is_recorded(tokenizer, home):
     """The default sleep function (agent.sleep.sleep_phase) as the daemon calls it."""
     from agent.sleep import SleepConfig
@@ -275,7 +273,7 @@ def test_the_real_sleep_phase_runs_when_due_and_is_recorded(tokenizer, home):
     cfg = config(schedule=ScheduleConfig(policy="commits", every_commits=1),
                  sleep=SleepConfig(epochs=1, dreams=0, restem=False))
     d = daemon(tokenizer, home, cfg)
-    drop(home, "varn.json", record(*VARN))
+    drop(home, "varn.json", json.dumps(record(*VARN)))
     r = d.run_burst()
     assert [c.outcome for c in r.cycles] == ["committed"]
     (s,) = r.sleeps
@@ -355,19 +353,11 @@ DAEMON_FLAGS = [
 
 
 def _cli(home: Path, tiny_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", "--home", str(home), "--model", str(tiny_dir), *FAST_FLAGS,
-            *DAEMON_FLAGS, *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return seal_argv(home, tiny_dir, *DAEMON_FLAGS, *args, verbose=False)
 
 
 def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    if ok:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
+    return run_cli(cmd, ok=ok, timeout=120)
 
 
 def _wait(what, timeout: float = 60.0, log: Path | None = None):
@@ -406,6 +396,7 @@ def _intact(home: Path, active: str | None) -> None:
     assert on_disk <= known | set(), "a folder the store does not know"
 
 
+@pytest.mark.process
 def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, tiny_dir):
     log = home / "logs" / "daemon.log"
     try:
@@ -421,7 +412,7 @@ def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, ti
             lines = [ln for ln in (second.stdout + second.stderr).splitlines() if ln.strip()]
             assert len(lines) == 1 and f"already runs on {home}: pid {info['pid']}, started" in lines[0], lines
 
-        drop(home, "varn.json", record(*VARN), age_s=0)
+        drop(home, "varn.json", json.dumps(record(*VARN)), age_s=0)
 
         def learned():
             with _store(home) as s:
@@ -452,21 +443,22 @@ def test_a_real_daemon_starts_learns_its_inbox_reports_status_and_stops(home, ti
         _kill(home)
 
 
+@pytest.mark.process
 def test_a_daemon_that_cannot_load_its_model_fails_to_start_in_one_line(home, tmp_path):
     cmd = [sys.executable, "-m", "agent.cli", "--home", str(home), "--model", str(tmp_path / "missing"), "daemon", "start"]
-    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    r = _run(cmd, ok=False)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("Error: the daemon exited at start (status 1): ") and "missing' does not exist" in lines[0]
     assert running(Home(home)) is None and read_pidfile(Home(home)) is None
 
 
+@pytest.mark.process
 def test_stop_now_stops_a_busy_daemon_cold(home, tiny_dir):
     """`seal daemon stop --now` (stop_daemon(now=True)) on a daemon that is busy loading
     its model: the first SIGTERM asks for a warm stop, the second ends it at once."""
     log = home / "logs" / "daemon.log"
-    proc = subprocess.Popen(_cli(home, tiny_dir, "daemon", "run"), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(_cli(home, tiny_dir, "daemon", "run"), stderr=subprocess.DEVNULL)
     try:
         def loading():
             return log.exists() and "starting on" in log.read_text()
@@ -502,10 +494,11 @@ def _ingest(home: Path, tiny_dir: Path, *docs) -> None:
     folder = home.parent / "docs"
     folder.mkdir(exist_ok=True)
     for title, text, qas in docs:
-        (folder / f"{title}.json").write_text(record(title, text, qas), encoding="utf-8")
+        (folder / f"{title}.json").write_text(json.dumps(record(title, text, qas)), encoding="utf-8")
     _run(_cli(home, tiny_dir, "ingest", str(folder)))
 
 
+@pytest.mark.process
 def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     try:
@@ -522,6 +515,7 @@ def test_sigterm_mid_cycle_stops_warm_and_gives_the_claim_back(home, tiny_dir):
     assert "gave back passage" in (home / "logs" / "daemon.log").read_text()
 
 
+@pytest.mark.process
 def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir):
     _ingest(home, tiny_dir, VARN, BRISK)
     _run(_cli(home, tiny_dir, "--set", "wake.candidates=1", "learn", "--max-passages", "1"))
@@ -555,6 +549,7 @@ def test_kill_9_mid_cycle_then_restart_resumes_and_loses_nothing(home, tiny_dir)
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.process
 def test_kill_9_mid_sleep_then_restart_keeps_the_committed_version_and_sleeps_again(home, tiny_dir):
     _ingest(home, tiny_dir, VARN)
     sleepy = ["--set", "schedule.policy=commits", "--set", "schedule.every_commits=1", "--set", "sleep.restem=false",

@@ -10,7 +10,6 @@ Fast tests use the tiny random Llama of tests/tiny.py and hand-built store rows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -30,11 +29,9 @@ from agent.wake import WakeConfig
 from policies import self_edit as self_edits
 from policies.config import PolicyConfig
 from policies.reward import token_f1
-from store import NewDocument, NewPassage, NewQuestion, Store
-from tests.tiny import tiny_llama
+from store import Store
+from tests.helpers import FAST_LORA, FAST_WAKE, document, make_learner, tiny_llama
 
-FAST_LORA = LoraConfig(rank=4, alpha=8, epochs=2, lr=1e-2)
-FAST_WAKE = WakeConfig(candidates=2, self_edit_tokens=16, answer_tokens=8)
 # a few steps at a high rate: enough to move a tiny random model's sampling
 FAST_EDITOR = EditorConfig(min_pairs=2, epochs=2, lr=5e-2, batch_size=4, max_length=512, heldout=2)
 
@@ -63,21 +60,9 @@ HELDOUT = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def document(title: str, text: str, qas) -> NewDocument:
-    passage = NewPassage(title, text, _sha(text), n_tokens=len(text.split()),
-                         questions=tuple(NewQuestion(q, a) for q, a in qas))
-    return NewDocument(f"{title}.json", title, "json", _sha(title + text), len(text), (passage,))
-
-
-def make_learner(tokenizer, home: Path) -> Learner:
-    store = Store(home / "store.db")
-    registry = AdapterRegistry(home / "adapters", store)
-    return Learner(Runtime(tiny_llama(tokenizer), tokenizer, name="tiny"), store, registry,
-                   FAST_LORA, PolicyConfig(), FAST_WAKE)
+def editor_learner(tokenizer, home: Path) -> Learner:
+    """A learner with the default policies and FAST_LORA."""
+    return make_learner(tokenizer, home, policies=PolicyConfig(), lora_cfg=FAST_LORA)
 
 
 def pid_of(store: Store, title: str) -> int:
@@ -168,7 +153,7 @@ def test_heldout_prefers_queued_passages_with_questions_then_learned_ones(tmp_pa
 
 # ------------------------------------------------------------------------- rounds
 def test_too_few_pairs_skips_and_records(tokenizer, tmp_path):
-    learner = make_learner(tokenizer, tmp_path)
+    learner = editor_learner(tokenizer, tmp_path)
     r = restem_round(learner, FAST_EDITOR, sleep_id=7)
     assert (r.outcome, r.n_pairs, r.adapter_id, r.sleep_id) == ("skipped", 0, None, 7)
     assert "min_pairs" in r.reason
@@ -185,7 +170,7 @@ def test_too_few_pairs_skips_and_records(tokenizer, tmp_path):
 
 
 def test_sft_examples_use_the_wake_cycles_own_prompt(tokenizer, tmp_path):
-    learner = make_learner(tokenizer, tmp_path)
+    learner = editor_learner(tokenizer, tmp_path)
     seed_pairs(learner.store)
     pairs = learner.store.restem_pairs(0.0, 100, 100)
     odd = [{**pairs[0], "policy": "passage"}, {**pairs[0], "policy": "nope", "candidate_id": 0}]
@@ -201,7 +186,7 @@ def test_sft_examples_use_the_wake_cycles_own_prompt(tokenizer, tmp_path):
 
 
 def test_a_disabled_editor_records_nothing(tokenizer, tmp_path):
-    learner = make_learner(tokenizer, tmp_path)
+    learner = editor_learner(tokenizer, tmp_path)
     seed_pairs(learner.store)
     r = restem_round(learner, dataclasses.replace(FAST_EDITOR, enabled=False), sleep_id=1)
     assert (r.outcome, r.id) == ("skipped", None) and "enabled" in r.reason
@@ -212,12 +197,13 @@ def test_a_disabled_editor_records_nothing(tokenizer, tmp_path):
 def ready(tokenizer, tmp_path):
     """A learner whose store holds 4 qualifying pairs and 2 queued held-out passages,
     and whose knowledge adapter has non-trivial weights."""
-    learner = make_learner(tokenizer, tmp_path)
+    learner = editor_learner(tokenizer, tmp_path)
     seed_pairs(learner.store)
     learner.store.ingest([document(*h) for h in HELDOUT])
     return learner, perturb_knowledge(learner)
 
 
+@pytest.mark.slow
 def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(ready, tmp_path):
     learner, knowledge = ready
     store, model = learner.store, learner.model
@@ -286,6 +272,7 @@ def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(read
     assert r2.reward_after == r.reward_after and r2.reward_before == r.reward_after
 
 
+@pytest.mark.slow
 def test_a_worse_editor_is_rejected_and_changes_nothing(ready, tmp_path):
     learner, knowledge = ready
     demand = dataclasses.replace(FAST_EDITOR, tolerance=-1e9)  # demand an impossible gain
@@ -314,7 +301,7 @@ def _count_stops(learner, cfg) -> int:
     return calls[0]
 
 
-@pytest.mark.parametrize("when", ["before SFT", "during SFT", "before commit"])
+@pytest.mark.parametrize("when", ["before SFT", "during SFT", pytest.param("before commit", marks=pytest.mark.slow)])
 def test_should_stop_abandons_without_a_trace(ready, tmp_path, when):
     learner, knowledge = ready
     keep = dataclasses.replace(FAST_EDITOR, tolerance=1e9)
@@ -322,7 +309,7 @@ def test_should_stop_abandons_without_a_trace(ready, tmp_path, when):
     if when == "before commit":  # the last check: count them on a twin store
         twin = tmp_path / "twin"
         twin.mkdir()
-        other = make_learner(learner.runtime.tokenizer, twin)
+        other = editor_learner(learner.runtime.tokenizer, twin)
         seed_pairs(other.store)
         other.store.ingest([document(*h) for h in HELDOUT])
         stop_at = _count_stops(other, keep)
@@ -348,7 +335,7 @@ def test_should_stop_abandons_without_a_trace(ready, tmp_path, when):
 
 
 def test_sft_leaves_the_resident_model_as_it_found_it(tokenizer, tmp_path):
-    learner = make_learner(tokenizer, tmp_path)
+    learner = editor_learner(tokenizer, tmp_path)
     knowledge = perturb_knowledge(learner)
     model, base = learner.model, learner.model.get_base_model()
     prompt = learner.runtime.chat("Say something.")

@@ -6,6 +6,7 @@ transformers) and gives the same answer log-likelihoods as inside seal."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from adapters.registry import AdapterRegistry
 from agent.daemon.process import DaemonLock, pid_info
 from agent.home import Home
 from store import Store
+from tests.helpers import FAST_LORA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,7 +176,7 @@ def test_export_loads_with_plain_peft_and_scores_as_inside_seal(home, seal, tiny
 
     # inside seal: the tiny model from its folder, a knowledge adapter trained and committed
     rt = Runtime(AutoModelForCausalLM.from_pretrained(tiny_dir), tokenizer, name="tiny")
-    cfg = lora.LoraConfig(rank=4, alpha=8, epochs=4, lr=5e-2)
+    cfg = dataclasses.replace(FAST_LORA, epochs=4, lr=5e-2)
     rt.model = lora.attach(rt.model, cfg, names=("knowledge",))
     lora.train(rt.model, tokenizer, [lora.Example("The capital of Varn is", " Kelmora.")] * 4, cfg, adapter="knowledge")
     store = Store(home / "store.db")

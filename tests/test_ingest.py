@@ -20,8 +20,7 @@ from agent.documents import normalize_text
 from agent.ingest import AnswerIndex, Chunker
 from policies.reward import is_correct, normalize
 from store import Store
-
-SQUAD = Path(__file__).resolve().parent / "data" / "squad_small.json"  # as conftest.SQUAD
+from tests.helpers import SQUAD
 
 
 @pytest.fixture(autouse=True)
@@ -468,6 +467,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(seal, home, tmp_path, c
 
 
 # --------------------------------------------------------- durability, concurrency
+@pytest.mark.process
 def test_ingest_is_durable_for_another_process(seal, home, tmp_path):
     ok(seal("ingest", write(tmp_path / "town.md", VELMOOR)))
     code = (

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from agent.runtime import ModelConfig, ModelError, Runtime
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Prompts of clearly different lengths, so that batches need padding.
 PROMPTS = [
@@ -137,6 +135,7 @@ def test_a_corrupt_gguf_file_is_a_one_line_error(tmp_path):
     _one_line(str(e.value))
 
 
+@pytest.mark.process
 def test_cli_with_a_missing_model_prints_one_error_line(home):
     """Through a real process: exit status 1, one 'Error:' line, no traceback."""
     r = subprocess.run(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,20 +26,21 @@ from policies import consolidation
 from policies.consolidation import MERGE_TYPES, Dream, Merge, Replay, merge_weights, replay_sample
 from policies.self_edit import PassageOnly
 from store import Store
-from tests.procs import kill_9_when
-from tests.test_wake import (
+from tests.helpers import (
     BRISK,
-    REPO,
+    FAST_LORA,
     VARN,
-    _check_intact,
-    _cli,
-    _env,
-    _run,
+    check_intact,
     document,
     file_sha,
+    kill_9_when,
     make_learner,
+    record,
+    run_cli,
+    seal_argv,
+    start_cli,
+    tiny_llama,
 )
-from tests.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +86,7 @@ def test_a_kept_sleep_commits_a_sleep_version_and_records_report_and_rows(tokeni
     assert new == "knowledge-0003" and store.active_adapter_id(KNOWLEDGE) == new
     row = store.adapter(new)
     assert (row["kind"], row["parent_id"], row["policy"], row["status"]) == ("sleep", parent, "replay", "committed")
-    _check_intact(store, home, new)
+    check_intact(store, home, new)
     assert live_equals_file(learner, new), "the live knowledge adapter is the committed one"
     assert store.commits_since(None) == 2, "a sleep version is not a wake commit"
 
@@ -109,6 +109,7 @@ def test_a_kept_sleep_commits_a_sleep_version_and_records_report_and_rows(tokeni
         assert (after[int(pid)]["accuracy"], after[int(pid)]["logprob"]) == pytest.approx((acc, lp))
 
 
+@pytest.mark.slow
 def test_a_worse_sleep_is_rolled_back_and_says_why(tokenizer, home):
     learner = learned_home(tokenizer, home)
     store = learner.store
@@ -126,7 +127,7 @@ def test_a_worse_sleep_is_rolled_back_and_says_why(tokenizer, home):
     assert report.reason.startswith("worse: ") and "drift KL rose" in report.reason, report.reason
     assert store.active_adapter_id(KNOWLEDGE) == active
     assert len(store.adapters(KNOWLEDGE)) == versions
-    _check_intact(store, home, active)
+    check_intact(store, home, active)
     assert live_equals_file(learner, active)
     (sleep,) = store.sleeps()
     assert (sleep["outcome"], sleep["adapter_id"], sleep["reason"]) == ("rolled_back", None, report.reason)
@@ -194,6 +195,7 @@ def _capture_training(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.slow
 def test_replay_retrains_old_passages_from_their_committed_self_edits(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
     store = learner.store
@@ -218,6 +220,7 @@ def test_replay_retrains_old_passages_from_their_committed_self_edits(tokenizer,
     assert report.n_examples == len(expected) and report.n_dreams == 0
 
 
+@pytest.mark.slow
 def test_dreams_are_free_generations_from_bos_with_adapters_disabled(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     rt = learner.runtime
@@ -256,7 +259,7 @@ def store_row(learner) -> dict:
 def test_merging_copies_of_one_adapter_gives_it_back(tokenizer, kind):
     """The weights of ``merge_weights`` make a merge of similar versions their mean: k
     copies of one update merge into that update (density 1: nothing pruned)."""
-    model = lora.attach(tiny_llama(tokenizer), lora.LoraConfig(rank=4, alpha=8), names=("one", "two"))
+    model = lora.attach(tiny_llama(tokenizer), FAST_LORA, names=("one", "two"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".one." in name:
@@ -272,6 +275,7 @@ def test_merging_copies_of_one_adapter_gives_it_back(tokenizer, kind):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (kind, key)
 
 
+@pytest.mark.slow
 def test_a_merge_sleep_yields_an_adapter_that_loads_into_knowledge(tokenizer, home):
     learner = learned_home(tokenizer, home, (VARN, BRISK, MOSS))
     store = learner.store
@@ -308,6 +312,7 @@ def test_a_sleep_with_nothing_learned_is_skipped(tokenizer, home):
     assert row["outcome"] == "skipped" and learner.store.adapters() == []
 
 
+@pytest.mark.slow
 def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     store = learner.store
@@ -327,6 +332,7 @@ def test_a_stop_request_mid_sleep_abandons_it_and_commits_nothing(tokenizer, hom
     assert live_equals_file(learner, active)
 
 
+@pytest.mark.slow
 def test_a_failing_editor_round_never_undoes_a_kept_consolidation(tokenizer, home, monkeypatch):
     import agent.editor
 
@@ -346,6 +352,7 @@ def test_a_failing_editor_round_never_undoes_a_kept_consolidation(tokenizer, hom
     assert (round_["sleep_id"], round_["outcome"]) == (report.sleep_id, "failed")
 
 
+@pytest.mark.slow
 def test_a_failure_mid_sleep_is_recorded_and_keeps_the_active_adapter(tokenizer, home, monkeypatch):
     learner = learned_home(tokenizer, home)
     active = learner.store.active_adapter_id(KNOWLEDGE)
@@ -378,26 +385,25 @@ def test_seal_sleep_on_an_empty_home_or_store_loads_no_model(seal, home, tmp_pat
 
 
 # ------------------------------------------------------------------ kill -9 mid-sleep
+@pytest.mark.process
 def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_runs(seal, home, tmp_path, tiny_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     for title, text, qas in (VARN, BRISK):
-        record = {"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]}
-        (docs / f"{title}.json").write_text(json.dumps(record), encoding="utf-8")
+        (docs / f"{title}.json").write_text(json.dumps(record(title, text, qas)), encoding="utf-8")
     assert seal("--model", tiny_dir, "ingest", docs).exit_code == 0
-    _run(_cli(home, tiny_dir, "--set", "policies.min_gain=-1e9", "learn"))
+    run_cli(seal_argv(home, tiny_dir, "--set", "policies.min_gain=-1e9", "learn"))
     with Store(home / "store.db") as store:
-        _check_intact(store, home, "knowledge-0002")
+        check_intact(store, home, "knowledge-0002")
         counts = store.counts()
 
     # slow consolidation (many epochs), killed as soon as it trains
-    proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "sleep.epochs=2000", "--set", "sleep.restem=false",
-                                 "--set", "sleep.max_drift_increase=1e9", "sleep"),
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(seal_argv(home, tiny_dir, "--set", "sleep.epochs=2000", "--set", "sleep.restem=false",
+                               "--set", "sleep.max_drift_increase=1e9", "sleep"))
     kill_9_when(proc, "consolidating: step")
 
     with Store(home / "store.db") as store:
-        _check_intact(store, home, "knowledge-0002")
+        check_intact(store, home, "knowledge-0002")
         assert store.sleeps() == []
         after = store.counts()
         assert after["adapters"] == counts["adapters"] and after["sleeps"] == 0
@@ -405,7 +411,7 @@ def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_
     # the next sleep runs to the end (the schedule's truth is the store: no sleep yet)
     lax = [f"--set=sleep.{k}=1e9" for k in ("max_retention_drop", "max_logprob_drop", "max_drift_increase",
                                              "max_reading_drop")]
-    r = _run(_cli(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
+    r = run_cli(seal_argv(home, tiny_dir, *lax, "--set", "sleep.epochs=1", "--set", "sleep.restem=false", "sleep"))
     lines = r.stdout.splitlines()
     assert lines[0] == "sleep 1 (replay): kept -> knowledge-0003 (was knowledge-0002)", r.stdout
     assert any(line.split()[:2] == ["retention", "(probe"] for line in lines)
@@ -414,7 +420,7 @@ def test_kill_9_mid_sleep_leaves_the_previous_adapter_active_and_the_next_sleep_
     with Store(home / "store.db") as store:
         (sleep,) = store.sleeps()
         assert (sleep["outcome"], sleep["adapter_id"]) == ("kept", "knowledge-0003")
-        _check_intact(store, home, "knowledge-0003")
+        check_intact(store, home, "knowledge-0003")
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
 
 

@@ -16,7 +16,7 @@ from agent.tracking import forgetting_summary
 from agent.wake import learn
 from policies.self_edit import PassageOnly, passage_text
 from store import Store
-from tests.test_wake import BRISK, FAST_WAKE, VARN, document, make_learner
+from tests.helpers import BRISK, FAST_WAKE, VARN, document, make_learner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,6 +242,7 @@ def test_memorisation_of_the_untrained_tiny_model_is_none(tokenizer, home):
 
 
 # ------------------------------------------------------------ wake commits track
+@pytest.mark.slow
 def test_a_wake_commit_records_drift_and_memorisation_of_the_new_version(tokenizer, home):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN), document(*BRISK)])

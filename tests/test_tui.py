@@ -16,11 +16,10 @@ import pytest
 from agent.bench.views import sample_log
 from agent.home import Home
 from store import Store
-from tests.test_views import one_adapter
+from tests.helpers import REPO, one_adapter
 
-REPO = Path(__file__).resolve().parents[1]
 TMUX = shutil.which("tmux")
-pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+pytestmark = [pytest.mark.process, pytest.mark.skipif(TMUX is None, reason="tmux is not installed")]
 
 
 class Term:

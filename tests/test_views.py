@@ -20,7 +20,8 @@ from agent.ui.fmt import SHADES, acc_color, shade, sparkline
 from agent.ui.panels import PANELS, panel
 from agent.ui.panels.lineage import LineagePanel, lineage_rows
 from agent.ui.snapshot import take_snapshot
-from store import NewDocument, NewPassage, NewQuestion, Store
+from store import Store
+from tests.helpers import one_adapter
 
 SIZES = [(80, 24), (160, 48)]
 ALL_PANELS = ("status", "lineage", "passages", "forgetting", "trends", "log")
@@ -68,41 +69,6 @@ def dashboard(home: Home, store: Store | None) -> Dashboard:
 
 
 # ------------------------------------------------------------------ the stores
-def one_adapter(store: Store) -> str:
-    """One passage learned by knowledge-0001: three candidates (implications chosen),
-    probe accuracy 0 under the base and 1.0 under v1, drift and memorisation."""
-    text = "The Isle of Varn is a small island in the Grey Sea. Its capital is the town of Kelmora."
-    qs = (NewQuestion("What is the capital of Varn?", "Kelmora"), NewQuestion("Which sea?", "the Grey Sea"))
-    store.ingest([NewDocument("varn.json", "Isle of Varn", "json", "d" * 64, len(text),
-                              (NewPassage("Isle of Varn", text, "p" * 64, 20, qs),))], now=1.7e9)
-    cands = [
-        {"policy": "passage", "idx": 0, "text": "", "n_tokens": 0, "n_examples": 1, "reward_logprob": 0.05,
-         "reward_acc": 0.0, "reward_f1": 0.0, "train_loss": 0.9, "chosen": 0},
-        {"policy": "implications", "idx": 1, "text": "Kelmora is the capital of the Isle of Varn.", "n_tokens": 12,
-         "n_examples": 2, "reward_logprob": 0.42, "reward_acc": 0.5, "reward_f1": 0.5, "train_loss": 0.7, "chosen": 1},
-        {"policy": "implications", "idx": 2, "text": "Varn lies in a sea.", "n_tokens": 6, "n_examples": 2,
-         "reward_logprob": -0.13, "reward_acc": 0.0, "reward_f1": 0.0, "train_loss": 0.8, "chosen": 0},
-    ]
-    evals = [{"adapter_id": None, "passage_id": 1, "kind": "probe", "accuracy": 0.0, "f1": 0.0, "logprob": -3.0, "n": 1},
-             {"adapter_id": "knowledge-0001", "passage_id": 1, "kind": "probe", "accuracy": 1.0, "f1": 1.0,
-              "logprob": -0.5, "n": 1}]
-
-    def record():
-        store.record_cycle({"passage_id": 1, "job_id": 1, "started_at": 1.7e9 + 10, "outcome": "committed",
-                            "reason": "implications +0.420 beats the passage alone", "adapter_id": "knowledge-0001",
-                            "baseline_logprob": -3.0, "baseline_acc": 0.0, "n_reward": 1, "n_probe": 1},
-                           cands, evals, job_id=1, now=1.7e9 + 60)
-
-    store.add_adapter({"id": "knowledge-0001", "name": "knowledge", "version": 1, "parent_id": None, "kind": "wake",
-                       "passage_id": 1, "path": "knowledge-0001", "sha256": "a" * 64, "policy": "implications",
-                       "reward": 0.42, "metrics": {"probe_acc": 1.0}}, activate=True, also=record, now=1.7e9 + 60)
-    store.add_drift({"adapter_id": "knowledge-0001", "kl": 0.0123, "reading_acc": 0.75, "n_prompts": 16,
-                     "n_reading": 18}, now=1.7e9 + 61)
-    store.add_memorisation([{"adapter_id": "knowledge-0001", "passage_id": 1, "exact": 0, "token_match": 0.25,
-                             "prefix_tokens": 32, "n_tokens": 32}], now=1.7e9 + 61)
-    return "knowledge-0001"
-
-
 @pytest.fixture
 def empty_home(tmp_path) -> Home:
     return Home(tmp_path / "home")

@@ -9,13 +9,9 @@ tests run ``seal --model DIR`` on a tiny model saved once per session (``tiny_di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,74 +20,33 @@ import pytest
 import torch
 
 from adapters import files, lora
-from adapters.lora import LoraConfig, TrainResult
+from adapters.lora import TrainResult
 from adapters.names import KNOWLEDGE, TRIAL
-from adapters.registry import AdapterRegistry
-from agent.learner import Learner
-from agent.runtime import Runtime
 from agent.wake import WakeConfig, learn
 from policies import reward, selection
 from policies.config import PolicyConfig
 from policies.questions import answer_prompt, split_roles
 from policies.self_edit import PassageOnly, QAChat, parse_qa, split_lines
-from store import NewDocument, NewPassage, NewQuestion, Store
-from tests.procs import kill_9_when
-from tests.tiny import tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-
-VARN = (
-    "Isle of Varn",
-    "The Isle of Varn is a small island in the Grey Sea. Its capital is the town of Kelmora. "
-    "The island was founded in 1702 by a sailor named Hedda Lune. About 4,300 people live there.",
-    [
-        ("What is the capital of the Isle of Varn?", "Kelmora"),
-        ("Who founded the Isle of Varn?", "Hedda Lune"),
-        ("In which year was the Isle of Varn founded?", "1702"),
-        ("In which sea is the Isle of Varn?", "the Grey Sea"),
-    ],
-)
-BRISK = (
-    "Brisk Tower",
-    "Brisk Tower stands in the town of Amberlee. It was built in 1811 by Tomas Quill and is 41 metres tall.",
-    [("Where does Brisk Tower stand?", "Amberlee"), ("Who built Brisk Tower?", "Tomas Quill")],
+from store import Store
+from tests.helpers import (
+    ALWAYS,
+    BRISK,
+    FAST_WAKE,
+    VARN,
+    check_intact,
+    document,
+    file_sha,
+    kill_9_when,
+    make_learner,
+    record,
+    run_cli,
+    seal_argv,
+    start_cli,
 )
 
-# Small and fast: rank 4, short self-edits and answers, two self-edits per passage.
-FAST_LORA = LoraConfig(rank=4, alpha=8, epochs=3, lr=1e-2)
-FAST_WAKE = WakeConfig(candidates=2, self_edit_tokens=16, answer_tokens=8)
-FAST_FLAGS = [
-    "--set", "model.threads=1", "--set", "lora.rank=4", "--set", "wake.self_edit_tokens=16",
-    "--set", "wake.answer_tokens=8", "--set", "wake.candidates=2",
-]
-ALWAYS = PolicyConfig(min_gain=-1e9)  # commit whatever wins: the commit path, every time
 NEVER = PolicyConfig(selection="best_of_n", min_gain=1e9)  # nothing clears the bar: the rejection path
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def document(title: str, text: str, qas: list[tuple[str, str]]) -> NewDocument:
-    passage = NewPassage(title, text, _sha(text), n_tokens=len(text.split()),
-                         questions=tuple(NewQuestion(q, a) for q, a in qas))
-    return NewDocument(f"{title}.json", title, "json", _sha(title + text), len(text), (passage,))
-
-
-def make_learner(tokenizer, home: Path, policies: PolicyConfig = ALWAYS,
-                 wake: WakeConfig = FAST_WAKE) -> Learner:
-    store = Store(home / "store.db")
-    registry = AdapterRegistry(home / "adapters", store)
-    return Learner(Runtime(tiny_llama(tokenizer), tokenizer, name="tiny"), store, registry,
-                   FAST_LORA, policies, wake)
-
-
-def file_sha(path: Path) -> str:
-    return hashlib.sha256((path / files.WEIGHTS_NAME).read_bytes()).hexdigest()
 
 
 def job_of(store: Store, passage_id: int) -> dict:
@@ -255,6 +210,7 @@ def test_seal_history_lists_versions_newest_first(tokenizer, home, seal):
     assert all(r["title"] and r["policy"] and r["probe_acc"] is not None for r in rows)
 
 
+@pytest.mark.slow
 def test_seal_history_table_fits_80_columns_with_whole_ids(tokenizer, home, seal):
     _two_versions(tokenizer, home)
     r = seal("history")
@@ -295,6 +251,7 @@ def test_nan_in_every_trial_rejects_and_keeps_the_previous_adapter(tokenizer, ho
     assert job_of(store, 2)["state"] == "done"
 
 
+@pytest.mark.slow
 def test_a_failure_inside_the_commit_transaction_leaves_nothing_behind(tokenizer, home, monkeypatch):
     """The adapter row, the active pointer and the cycle land together or not at all:
     a failure while recording the cycle removes the new folder, keeps the parent
@@ -325,6 +282,7 @@ def test_a_failure_inside_the_commit_transaction_leaves_nothing_behind(tokenizer
     assert report.adapter_id == "knowledge-0002" and job_of(store, 2)["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_after_a_failed_commit_the_live_adapter_is_the_active_one(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     store = learner.store
@@ -386,6 +344,7 @@ def test_ctrl_c_gives_the_claim_back(tokenizer, home, monkeypatch):
     assert learner.store.cycles() == [] and learner.store.adapters() == []
 
 
+@pytest.mark.slow
 def test_leftovers_of_an_interrupted_commit_are_removed_before_learning(tokenizer, home):
     """The recovery primitive of 'kill -9 during the commit': a temp dir of an
     unfinished save, and a folder renamed into place whose transaction never
@@ -687,43 +646,18 @@ def test_every_command_has_help(seal):
 
 
 # ------------------------------------------------------------ kill -9 in mid-cycle
-def _cli(home: Path, tiny_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", "--home", str(home), "--model", str(tiny_dir), "-v",
-            *FAST_FLAGS, *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
-
-def _check_intact(store: Store, home: Path, active: str) -> None:
-    assert store.active_adapter_id("knowledge") == active
-    row = store.adapter(active)
-    assert row["sha256"] == file_sha(home / "adapters" / row["path"])
-    assert (home / "adapters" / row["path"] / files.CONFIG_NAME).is_file()
-    known = {a["path"] for a in store.adapters()}
-    on_disk = {p.name for p in (home / "adapters").iterdir() if not p.name.startswith(".tmp-")}
-    assert on_disk == known, "a folder the store does not know, or a row without its folder"
-
-
+@pytest.mark.process
 def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tiny_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     for title, text, qas in (VARN, BRISK):
-        record = {"title": title, "context": text, "questions": [{"question": q, "answer": a} for q, a in qas]}
-        (docs / f"{title}.json").write_text(json.dumps(record), encoding="utf-8")
+        (docs / f"{title}.json").write_text(json.dumps(record(title, text, qas)), encoding="utf-8")
     r = seal("--model", str(tiny_dir), "ingest", docs)
     assert r.exit_code == 0, r.output
 
-    _run(_cli(home, tiny_dir, "learn", "--max-passages", "1"))
+    run_cli(seal_argv(home, tiny_dir, "learn", "--max-passages", "1"))
     with Store(home / "store.db") as store:
-        _check_intact(store, home, "knowledge-0001")
+        check_intact(store, home, "knowledge-0001")
         done = [j for j in store.jobs(limit=10) if j["state"] == "done"]
         assert len(done) == 1
         second = next(j for j in store.jobs(limit=10) if j["state"] == "pending")["passage_id"]
@@ -731,19 +665,18 @@ def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tin
     # Slow trials (many epochs), then kill -9 as soon as the first trial starts (the
     # passage-only trial, which always trains: later trials of the tiny model may be
     # skipped as adding nothing, and the cycle could commit before a later kill).
-    proc = subprocess.Popen(_cli(home, tiny_dir, "--set", "lora.epochs=300", "learn"), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(seal_argv(home, tiny_dir, "--set", "lora.epochs=300", "learn"))
     kill_9_when(proc, "trial 1: passage")
 
     with Store(home / "store.db") as store:
-        _check_intact(store, home, "knowledge-0001")
+        check_intact(store, home, "knowledge-0001")
         job = job_of(store, second)
         assert job["state"] == "claimed" and job["attempts"] == 1
         assert job["claimed_by"].endswith(f":{proc.pid}")
         assert store.cycles(passage_id=second) == []  # nothing half-recorded
         assert store.candidates(second) == []
 
-    out = _run(_cli(home, tiny_dir, "learn", "--max-passages", "1"))
+    out = run_cli(seal_argv(home, tiny_dir, "learn", "--max-passages", "1"))
     with Store(home / "store.db") as store:
         job = job_of(store, second)
         assert (job["state"], job["attempts"]) == ("done", 2)
@@ -751,8 +684,8 @@ def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tin
         assert cycle["outcome"] in ("committed", "rejected"), out.stdout
         if cycle["outcome"] == "committed":
             assert cycle["adapter_id"] == "knowledge-0002" and cycle["parent_adapter"] == "knowledge-0001"
-            _check_intact(store, home, "knowledge-0002")
+            check_intact(store, home, "knowledge-0002")
         else:
-            _check_intact(store, home, "knowledge-0001")
+            check_intact(store, home, "knowledge-0001")
         assert store.queue_summary() == {"pending": 0, "claimed": 0, "done": 2, "failed": 0}
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
