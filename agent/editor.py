@@ -354,7 +354,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_e
         # 3. the M-step: SFT a scratch copy of the editor on the pairs
         on_event(Event("sft", START, f"editor: SFT on {len(rows)} pairs"))
         if cfg.from_base:
-            lora.restore(model, TRIAL, learner._zero)  # a fresh LoRA: the base model
+            lora.restore(model, TRIAL, learner.zero)  # a fresh LoRA: the base model
         else:
             lora.copy_adapter(model, EDITOR, TRIAL)
         result = sft(learner, rows, cfg, TRIAL, on_event, should_stop)

@@ -67,9 +67,9 @@ class Learner:
         have = self.model.peft_config[KNOWLEDGE]
         if (have.r, have.lora_alpha, set(have.target_modules)) != (lora_cfg.rank, lora_cfg.alpha, set(lora_cfg.targets)):
             raise ValueError("this runtime's model carries LoRA adapters of another shape: load a fresh runtime")
-        self._zero = self.model.seal_zero
+        self.zero = self.model.seal_zero
         for name in (KNOWLEDGE, TRIAL):
-            lora.restore(self.model, name, self._zero)
+            lora.restore(self.model, name, self.zero)
         active = registry.active(KNOWLEDGE)
         if active:
             registry.load_into(self.model, KNOWLEDGE, active["id"])
@@ -85,7 +85,7 @@ class Learner:
         if active:
             self.registry.load_into(self.model, EDITOR, active["id"])
         else:
-            lora.restore(self.model, EDITOR, self._zero)
+            lora.restore(self.model, EDITOR, self.zero)
         self.editor_id = active["id"] if active else None
 
     # -------------------------------------------------------------- measuring
@@ -212,7 +212,7 @@ class Learner:
         if active:
             self.registry.load_into(self.model, KNOWLEDGE, active["id"])
         else:
-            lora.restore(self.model, KNOWLEDGE, self._zero)
+            lora.restore(self.model, KNOWLEDGE, self.zero)
         self.model.set_adapter(KNOWLEDGE)
 
     def recover(self) -> None:

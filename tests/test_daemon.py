@@ -205,7 +205,7 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
     drop(home, "varn.json", json.dumps(record(*VARN)))
     assert d.poll_inbox()[0].outcome == "ingested"
     learner = d.learner
-    zero = learner._zero
+    zero = learner.zero
     trial = learner.trial
     seen = []
 

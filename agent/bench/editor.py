@@ -185,7 +185,7 @@ def train_editors(
                 on_passage(i + 1, len(data))
             all_pairs += new_pairs
             rows = [row for _, row in sft_examples(learner, all_pairs[: ecfg.max_pairs], ecfg.max_length)]
-            lora.restore(learner.model, TRIAL, learner._zero)  # ReST-EM: each round's editor starts from the base
+            lora.restore(learner.model, TRIAL, learner.zero)  # ReST-EM: each round's editor starts from the base
             if len(rows) >= ecfg.min_pairs:
                 say(f"round {r}: SFT of the editor on {len(rows)} pairs")
                 fit = sft(learner, rows, dataclasses.replace(ecfg, seed=ecfg.seed + r), adapter=TRIAL,

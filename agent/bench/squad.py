@@ -159,7 +159,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     roles = split_roles([q["id"] for q in qs], pol.reward_fraction, seed=seed * 100003 + i)
     reward_qs = [q for q in qs if roles[q["id"]] == "reward"]
     probe_qs = [q for q in qs if roles[q["id"]] == "probe"]
-    lora.restore(learner.model, KNOWLEDGE, learner._zero)  # every passage starts from the base model
+    lora.restore(learner.model, KNOWLEDGE, learner.zero)  # every passage starts from the base model
     say(f"[{i + 1}/{n_data}] {title}: base and open-book")
     record: dict = {"index": i, "title": title, "n_reward": len(reward_qs), "n_probe": len(probe_qs), "conditions": {}}
 
@@ -230,7 +230,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         texts.append({"policy": cand.policy, "writer": cond, "text": cand.text})
         s_, t_ = cost(o, secs)
         add(cond, p if p is not None else base, gen_s + s_, cand.n_tokens + t_)
-    lora.restore(learner.model, EDITOR, learner._zero)
+    lora.restore(learner.model, EDITOR, learner.zero)
 
     record.update({
         "choice": None if choice.idx is None else next(o.candidate.policy for k, o, _, _ in pool if k == choice.idx),
