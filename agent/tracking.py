@@ -1,5 +1,5 @@
 """What is tracked per knowledge adapter version: the forgetting matrix, general drift
-and verbatim memorisation (DESIGN.md, "What is tracked").
+and verbatim memorisation (docs/architecture.md, "What is tracked").
 
 - *Retention* (the forgetting matrix's cells): closed-book accuracy and answer
   log-likelihood of each learned passage's probe questions, graded as in the wake

@@ -4,7 +4,7 @@ self-edits from then on, that the knowledge adapter is never touched, that a sto
 abandons the round without a trace, and (real model) that SFT really teaches the
 editor its pairs.
 
-Fast tests use the tiny random Llama of tests/tiny.py and hand-built store rows.
+Fast tests use the tiny random Llama of tests/helpers.py and hand-built store rows.
 """
 
 from __future__ import annotations

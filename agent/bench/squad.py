@@ -10,7 +10,7 @@ with a fresh LoRA and is measured closed book on the passage's *probe* questions
   selected on the *reward* questions exactly as the wake cycle does (with margins);
   the probe questions never take part in selection;
 - ``restem-<r>``: a LoRA on passage + one self-edit written by the editor after
-  ReST-EM round r (``agent.bench_editor``: trained on tune-split passages, never on
+  ReST-EM round r (``agent.bench.editor``: trained on tune-split passages, never on
   an evaluated one);
 - ``open-book``: no update, the passage in the prompt (the ceiling).
 
@@ -89,7 +89,7 @@ def run_squad(
     on_result: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the protocol; returns the JSON-able result (config, versions, rows, per
-    passage). ``editors`` (row name -> editor weights, from ``bench_editor``) add one
+    passage). ``editors`` (row name -> editor weights, from ``agent.bench.editor``) add one
     row each: a LoRA on passage + one self-edit written by that editor. ``previous``
     (an interrupted run's result, same settings) is continued: its passages are kept,
     not re-run; every passage's seeds depend only on (seed, index), so a resumed run
