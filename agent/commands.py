@@ -30,6 +30,7 @@ from .cli import (
     progress_bar,
     store_or_none,
 )
+from .events import ADVANCE
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def learn(app: App, max_passages: int | None) -> None:
             started, tokens = time.monotonic(), [0]
 
             def on_event(e) -> None:
-                if e.message or e.phase == "advance":
+                if e.message or e.phase == ADVANCE:
                     bar.update(task, description=describe(e)[:50])
 
             def report(r) -> None:
@@ -302,7 +303,7 @@ class _StepProgress:
         self.task = self.bar.add_task(description, total=None)
 
     def __call__(self, e) -> None:
-        if e.phase == "advance" and e.total:
+        if e.phase == ADVANCE and e.total:
             if self.bar.tasks[0].total != e.total:  # a new phase of steps: its own ETA
                 self.bar.reset(self.task, total=e.total)
             self.bar.update(self.task, completed=e.done, description=(e.message or e.step)[:40])

@@ -27,7 +27,7 @@ from policies import self_edit as self_edits
 from policies.config import PolicyConfig
 from policies.reward import Scores
 
-from .events import END, START, Event, OnEvent, ignore
+from .events import ADVANCE, END, START, Event, OnEvent, ignore
 from .learner import Learner
 
 PASSAGE = "passage"  # the candidate with no self-edit: the passage alone (the reference)
@@ -60,10 +60,6 @@ class TrialOutcome:
     def ok(self) -> bool:
         """Trained to the end and scored: it may be selected."""
         return self.scores is not None
-
-    @property
-    def trained(self) -> bool:
-        return self.result is not None
 
     def as_trial(self, idx: int) -> selections.Trial:
         """What selection needs to know of it."""
@@ -101,7 +97,7 @@ def try_candidate(learner: Learner, passage: dict, cand: Candidate, seed: int, r
     on_event(Event("train", START, f"trial {idx + 1}: {cand.policy}", **tag))
 
     def progress(step: int, total: int, loss: float) -> None:
-        on_event(Event("train", "advance", done=step, total=total, loss=loss, **tag))
+        on_event(Event("train", ADVANCE, done=step, total=total, loss=loss, **tag))
         if beat is not None:
             beat()
 

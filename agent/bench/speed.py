@@ -49,7 +49,7 @@ from store import Store
 
 from ..config import Config
 from ..datasets import data_id
-from ..events import END, START, Event
+from ..events import END, START, WAKE_STEPS, Event
 from ..learner import Learner
 from ..runtime import Runtime
 from ..wake import wake_cycle
@@ -59,7 +59,6 @@ from .meter import FlopMeter, _reset_peak_rss, flop_counter_mode, matmul_flops, 
 from .reference import SEAL_LR, reference_train, reference_trainer
 
 MODES = ("optimised", "reference")
-STEPS = ("questions", "baseline", "generate", "train", "score", "evaluate", "commit", "track")
 FORCE_COMMIT = -1e9  # min_gain for the bench: both runs commit, so every step runs in both
 
 
@@ -101,9 +100,9 @@ class StepRecorder:
         if e.step == "train" and e.phase == END:
             self.add_tokens(e.tokens)
             self.train_results[e.candidate] = {"steps": e.steps, "tokens": e.tokens, "final_loss": e.loss}
-        if e.phase == START and e.step in STEPS:
+        if e.phase == START and e.step in WAKE_STEPS:
             self.enter(e.step, e.candidate + 1 if e.candidate is not None else 0)
-        elif e.phase == END and e.step in STEPS:
+        elif e.phase == END and e.step in WAKE_STEPS:
             self.enter("other")
 
     def _close(self) -> None:
