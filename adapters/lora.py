@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,13 +77,34 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class Teacher:
+    """A teacher's next-token distributions over an example's completion tokens, reduced
+    to its top-k tokens per position (the rest of its mass is one *tail* bucket):
+    ``ids`` and ``logp`` are (T, k), one row per completion token (EOS included when the
+    example appends it). Computed once per transfer set, not once per epoch."""
+
+    ids: Tensor  # (T, k) token ids, int64
+    logp: Tensor  # (T, k) the teacher's log-probabilities of those tokens
+
+
+@dataclass(frozen=True)
 class Example:
     """One training example. The loss is on the completion tokens only; with an empty
-    prompt the completion is plain language-model text."""
+    prompt the completion is plain language-model text.
+
+    With a ``teacher``, the loss on the completion tokens is the KL from the teacher's
+    distribution to the student's (top-k with a tail bucket: ``topk_kl``) instead of the
+    cross-entropy of the tokens themselves: the student learns what the teacher would
+    say, not only the one string it said. With ``goldfish = k > 1``, a pseudo-random
+    1/k of the completion tokens carry no loss (Hans et al. 2024, hashed on the ``GOLDFISH_CONTEXT``
+    tokens before each one, so the same tokens are dropped in every epoch): the text is
+    learned, but never as a whole to recite."""
 
     prompt: str
     completion: str
     eos: bool = False  # append the tokenizer's EOS to the completion
+    teacher: Teacher | None = field(default=None, compare=False, repr=False)
+    goldfish: int = 0  # drop 1/k of the completion tokens from the loss; 0 or 1 = none
 
 
 @dataclass(frozen=True)
@@ -198,28 +220,59 @@ def copy_adapter(peft_model, src: str, dst: str) -> None:
 
 
 # ----------------------------------------------------------------------- tokenising
-def _encode(tokenizer, examples: Sequence[Example], max_length: int) -> list[tuple[list[int], int]]:
+GOLDFISH_CONTEXT = 13  # tokens hashed to decide whether the next one is dropped (Hans et al.'s h)
+
+
+@dataclass(frozen=True)
+class _Seq:
+    ids: list[int]  # prompt + completion, cut to max_length
+    start: int  # index of the first completion token
+    teacher: Teacher | None = None
+    goldfish: int = 0
+
+
+def completion_ids(tokenizer, example: Example) -> list[int]:
+    """The completion's token ids as training sees them (EOS appended when asked)."""
+    c = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if example.eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("Example.eos is set but the tokenizer has no EOS token")
+        c = [*c, tokenizer.eos_token_id]
+    return c
+
+
+def _encode(tokenizer, examples: Sequence[Example], max_length: int) -> list[_Seq]:
     """Token ids of prompt + completion (tokenised separately: the boundary is exact),
     cut to ``max_length``, and the index of the first completion token."""
     if not examples:
         raise ValueError("no training examples")
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
     out = []
-    for e, p, c in zip(examples, prompts, completions, strict=True):
-        if e.eos:
-            if eos is None:
-                raise ValueError("Example.eos is set but the tokenizer has no EOS token")
-            c = [*c, eos]
-        out.append(((p + c)[:max_length], len(p)))
+    for e, p in zip(examples, prompts, strict=True):
+        c = completion_ids(tokenizer, e)
+        if e.teacher is not None and e.teacher.ids.shape[0] != len(c):
+            raise ValueError(f"teacher targets cover {e.teacher.ids.shape[0]} tokens, the completion has {len(c)}")
+        out.append(_Seq((p + c)[:max_length], len(p), e.teacher, e.goldfish))
     return out
 
 
-def _supervised(seq: tuple[list[int], int]) -> int:
+def _supervised(seq: _Seq) -> int:
     """How many tokens of a sequence carry loss (each predicted from the one before)."""
-    ids, start = seq
-    return max(0, len(ids) - max(start, 1))
+    return max(0, len(seq.ids) - max(seq.start, 1))
+
+
+def goldfish_keep(ids: list[int], first: int, k: int, context: int = GOLDFISH_CONTEXT) -> list[bool]:
+    """For each token from ``first`` on: does it carry loss? A token is dropped when a
+    hash of the ``context`` tokens before it is 0 mod ``k`` (about 1 in k; the same
+    tokens in every epoch and wherever the same text recurs)."""
+    if k <= 1:
+        return [True] * (len(ids) - first)
+    keep = []
+    for i in range(first, len(ids)):
+        window = ids[max(0, i - context) : i]
+        h = zlib.crc32(",".join(map(str, window)).encode())
+        keep.append(h % k != 0)
+    return keep
 
 
 @dataclass
@@ -228,17 +281,46 @@ class _Batch:
     attention_mask: Tensor  # (B, W)
     targets: Tensor  # (B, W-1): the token each position predicts, IGNORE where no loss
     n_tokens: int  # non-padding tokens
+    # teacher targets at the supervised positions (in ``targets != IGNORE`` order), or None
+    t_mask: Tensor | None = None  # (N,) bool: this position is distilled
+    t_ids: Tensor | None = None  # (M, k) the teacher's top-k ids at the distilled positions
+    t_logp: Tensor | None = None  # (M, k) and their log-probabilities
 
 
-def _collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> _Batch:
-    ids, mask = pad_batch([seq for seq, _ in seqs], pad_id)
+def _collate(seqs: list[_Seq], pad_id: int, device) -> _Batch:
+    ids, mask = pad_batch([s.ids for s in seqs], pad_id)
     targets = torch.full((len(seqs), ids.shape[1] - 1), IGNORE, dtype=torch.long)
-    for row, (seq, start) in enumerate(seqs):
-        n = len(seq)
-        first = max(start, 1)  # position first-1 predicts the first completion token
+    t_rows: list[tuple[int, int, Teacher]] = []  # (row, first completion position, teacher)
+    for row, s in enumerate(seqs):
+        n = len(s.ids)
+        first = max(s.start, 1)  # position first-1 predicts the first completion token
         if first < n:
             targets[row, first - 1 : n - 1] = ids[row, first:n]
-    return _Batch(ids.to(device), mask.to(device), targets.to(device), int(mask.sum()))
+            if s.goldfish > 1:
+                keep = torch.tensor(goldfish_keep(s.ids, first, s.goldfish))
+                targets[row, first - 1 : n - 1][~keep] = IGNORE
+            if s.teacher is not None:
+                t_rows.append((row, first, s.teacher))
+    batch = _Batch(ids.to(device), mask.to(device), targets.to(device), int(mask.sum()))
+    if t_rows:
+        sel = targets != IGNORE
+        flag = torch.zeros_like(targets, dtype=torch.bool)
+        k = max(t.ids.shape[1] for _, _, t in t_rows)
+        t_ids = torch.zeros((*targets.shape, k), dtype=torch.long)
+        t_logp = torch.full((*targets.shape, k), -math.inf)
+        for row, first, t in t_rows:
+            s = seqs[row]
+            off = first - s.start  # completion tokens cut off by a prompt of length 0
+            m = len(s.ids) - first  # completion tokens within max_length
+            span = slice(first - 1, first - 1 + m)
+            flag[row, span] = True
+            t_ids[row, span, : t.ids.shape[1]] = t.ids[off : off + m]
+            t_logp[row, span, : t.ids.shape[1]] = t.logp[off : off + m].float()
+        flag &= sel
+        batch.t_mask = flag[sel].to(device)
+        batch.t_ids = t_ids[flag].to(device)
+        batch.t_logp = t_logp[flag].to(device)
+    return batch
 
 
 # -------------------------------------------------------------------------- the loss
@@ -278,14 +360,44 @@ class _Scorer:
 
     def token_losses(self, batch: _Batch) -> tuple[Tensor, Tensor]:
         """Per-token losses (N,) at the supervised positions, and the boolean mask
-        (B, W-1) saying where they are."""
+        (B, W-1) saying where they are: the cross-entropy of the target token, or,
+        where a teacher is given, the top-k KL from the teacher (``topk_kl``)."""
         sel = batch.targets != IGNORE
         if self.fast:
             hidden = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             logits = self.head(hidden[:, :-1][sel])
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel]
-        return F.cross_entropy(logits.float(), batch.targets[sel], reduction="none"), sel
+        logits = logits.float()
+        if batch.t_mask is None or not bool(batch.t_mask.any()):
+            return F.cross_entropy(logits, batch.targets[sel], reduction="none"), sel
+        losses = torch.empty(logits.shape[0], device=logits.device)
+        plain = ~batch.t_mask
+        if bool(plain.any()):
+            losses[plain] = F.cross_entropy(logits[plain], batch.targets[sel][plain], reduction="none")
+        student = torch.log_softmax(logits[batch.t_mask], dim=-1).gather(-1, batch.t_ids)
+        student = student.masked_fill(batch.t_logp == -math.inf, -math.inf)  # padding of a smaller k
+        losses[batch.t_mask] = topk_kl(batch.t_logp, student)
+        return losses, sel
+
+
+def with_tail(logp_top: Tensor) -> Tensor:
+    """Top-k log-probabilities (..., k) plus one bucket for the rest of the mass
+    (..., k+1): a distribution that sums to 1. -inf entries (padding) count as 0."""
+    captured = torch.logsumexp(logp_top, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logp_top, torch.log(-torch.expm1(captured))], dim=-1)
+
+
+def topk_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
+    """KL(teacher || student) per row over the teacher's top-k tokens and a tail bucket
+    (both (..., k): log-probabilities of the same token ids). A lower bound of the full
+    KL, tight when the teacher's mass sits in its top k; it is what TRL's SDFT loss
+    computes (``add_tail_bucket`` + ``compute_divergence`` with alpha 0), on the
+    teacher's support so that the teacher's side can be computed once and cached."""
+    t, s = with_tail(teacher_logp), with_tail(student_logp)
+    p = t.exp()
+    terms = torch.where(p > 0, p * (t - s), torch.zeros_like(p))
+    return terms.sum(-1)
 
 
 def _batch_loss(scorer: _Scorer, batch: _Batch) -> Tensor:
@@ -338,6 +450,25 @@ def _optimizer(params: list[Tensor], cfg: LoraConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _length_grouped(seqs: list[_Seq], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's batches: shuffled, then grouped by length, longest first, each
+    holding at most ``batch_size`` examples and at most ``batch_size`` x the median
+    length in padded tokens (a long passage is not padded into a batch of short
+    answers, nor are they padded to its length); the batches in a shuffled order."""
+    order = torch.randperm(len(seqs), generator=generator).tolist()
+    order.sort(key=lambda i: -len(seqs[i].ids))  # stable: equal lengths stay shuffled
+    lengths = sorted(len(s.ids) for s in seqs)
+    budget = batch_size * lengths[len(lengths) // 2]
+    chunks: list[list[int]] = []
+    for i in order:
+        # the chunk's first (longest) example sets its padded width
+        if chunks and len(chunks[-1]) < batch_size and (len(chunks[-1]) + 1) * len(seqs[chunks[-1][0]].ids) <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return [chunks[j] for j in torch.randperm(len(chunks), generator=generator).tolist()]
+
+
 def train(
     peft_model,
     tokenizer,
@@ -369,7 +500,7 @@ def train(
     optimizer = _optimizer(params, cfg)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    per_epoch = math.ceil(len(seqs) / cfg.batch_size)
+    per_epoch = len(_length_grouped(seqs, cfg.batch_size, torch.Generator().manual_seed(0)))
     total = cfg.epochs * per_epoch
 
     losses: list[float] = []
@@ -382,10 +513,9 @@ def train(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)  # LoRA dropout
             for _epoch in range(cfg.epochs):
-                order = torch.randperm(len(seqs), generator=shuffle).tolist()
                 last_epoch = []
-                for b in range(per_epoch):
-                    batch = _collate([seqs[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]], pad_id, device)
+                for chunk in _length_grouped(seqs, cfg.batch_size, shuffle):
+                    batch = _collate([seqs[i] for i in chunk], pad_id, device)
                     loss = _batch_loss(scorer, batch)
                     value = loss.item()
                     losses.append(value)

@@ -148,7 +148,7 @@ def test_prompt_tokens_are_masked(model, tokenizer):
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     seqs = lora._encode(tokenizer, [Example(prompt, completion, eos=True)], 512)
-    assert seqs == [(p_ids + c_ids, len(p_ids))]
+    assert [(q.ids, q.start) for q in seqs] == [(p_ids + c_ids, len(p_ids))]
     batch = lora._collate(seqs, tokenizer.pad_token_id, "cpu")
     supervised = batch.targets[0][batch.targets[0] != lora.IGNORE].tolist()
     assert supervised == c_ids  # exactly the completion (with EOS), no prompt token
@@ -162,8 +162,8 @@ def test_prompt_tokens_are_masked(model, tokenizer):
     assert got == pytest.approx(float(by_hand), abs=1e-5)
 
     # plain text: every token but the first carries loss; long examples are cut
-    (ids_t, start), = lora._encode(tokenizer, [Example("", TEXT)], 8)
-    assert len(ids_t) == 8 and start == 0 and lora._supervised((ids_t, start)) == 7
+    (seq,) = lora._encode(tokenizer, [Example("", TEXT)], 8)
+    assert len(seq.ids) == 8 and seq.start == 0 and lora._supervised(seq) == 7
 
 
 def test_a_nan_loss_stops_training(model, tokenizer, monkeypatch):

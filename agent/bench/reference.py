@@ -41,7 +41,8 @@ def reference_train(peft_model, tokenizer, examples: list[lora.Example], *, adap
     t0 = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = []
-    for ids, _start in lora._encode(tokenizer, examples, pad_to):  # noqa: SLF001 - the same ids as lora.train
+    for seq in lora._encode(tokenizer, examples, pad_to):  # noqa: SLF001 - the same ids as lora.train
+        ids = seq.ids
         fill = [pad] * (pad_to - len(ids))
         data.append({"input_ids": ids + fill, "attention_mask": [1] * len(ids) + [0] * len(fill),
                      "labels": ids + fill})  # SEAL: labels = input_ids, padding included
