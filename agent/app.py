@@ -50,7 +50,8 @@ class Parts:
 
     @cached_property
     def learner(self) -> Learner:
-        return Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake)
+        return Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake,
+                       distill=self.cfg.distill)
 
     def close(self) -> None:
         if "store" in self.__dict__:  # opened

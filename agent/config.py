@@ -17,6 +17,7 @@ from pathlib import Path
 from adapters.lora import LoraConfig
 from policies.config import PolicyConfig
 from policies.schedule import ScheduleConfig
+from policies.transfer import DistillConfig
 
 from .daemon.config import DaemonConfig
 from .editor import EditorConfig
@@ -33,6 +34,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "reading documents"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA updates"})
     policies: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "strategies by name"})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "learning by reading: transfer sets and the open-book teacher"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
     editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})

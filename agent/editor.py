@@ -289,7 +289,8 @@ def _edit_reward(learner: Learner, passage: dict, qs: list[dict], baseline, poli
     training examples (e.g. two edits that add nothing beyond the passage) share one
     trial."""
     cand = Candidate(policy, edit)
-    key = tuple(examples_of(learner, passage, cand))
+    # a distillation candidate is keyed by its text (its examples need the teacher)
+    key = (policy, edit) if self_edits.get(policy).distills else tuple(examples_of(learner, passage, cand)[0])
     if key not in cache:
         o = try_candidate(learner, passage, cand, seed, qs, baseline)
         cache[key] = (o.reward_logprob, o.reward_acc)
@@ -315,7 +316,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_e
     timings: dict[str, float] = {}
     learner.load_editor()  # the live editor is the store's active one
     parent = learner.editor_id
-    policy = learner.policies.self_edit
+    policy = learner.policies.self_edits[0]  # the writer learns the first policy of a mix
     base = {"sleep_id": sleep_id, "started_at": started, "parent_adapter": parent, "adapter_id": None,
             "n_pairs": 0, "n_heldout": 0, "train_loss": None, "reward_before": None, "reward_after": None}
 

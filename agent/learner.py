@@ -31,6 +31,7 @@ from policies.config import PolicyConfig
 from policies.questions import answer_prompt, self_question_prompt, split_roles
 from policies.reward import Scores, is_correct, normalize, token_f1
 from policies.self_edit import parse_qa
+from policies.transfer import DistillConfig
 from store import NewQuestion, Store
 
 from .runtime import Runtime
@@ -52,9 +53,11 @@ class Learner:
 
     def __init__(self, runtime: Runtime, store: Store, registry: AdapterRegistry,
                  lora_cfg: lora.LoraConfig, policies: PolicyConfig, wake: WakeConfig, *,
-                 train_fn: TrainFn | None = None, score_batch: int | None = None):
+                 train_fn: TrainFn | None = None, score_batch: int | None = None,
+                 distill: DistillConfig | None = None):
         self.runtime, self.store, self.registry = runtime, store, registry
         self.lora_cfg, self.policies, self.cfg = lora_cfg, policies, wake
+        self.distill = distill or DistillConfig()  # how distillation candidates are built (agent.teacher)
         self.train_fn = train_fn  # how a trial trains (None: lora.train; a benchmark may pass SEAL's reference loop)
         self.score_batch = score_batch  # questions per scoring pass (None: all at once, batched by the runtime)
         self.worker = worker_id()
@@ -195,12 +198,13 @@ class Learner:
         return [(n, g.text, g.n_tokens) for (n, _, _), g in zip(todo, gens, strict=True)]
 
     def trial(self, examples: list[lora.Example], seed: int,
-              progress: Callable[[int, int, float], None] | None = None) -> lora.TrainResult:
+              progress: Callable[[int, int, float], None] | None = None,
+              epochs: int | None = None) -> lora.TrainResult:
         """Train the scratch adapter, starting from the current knowledge; ``progress``
         (step, total, loss) is called after each optimiser step (the claim's heartbeat
-        and the progress bars hang on it)."""
+        and the progress bars hang on it). ``epochs`` overrides ``lora.epochs``."""
         lora.copy_adapter(self.model, KNOWLEDGE, TRIAL)
-        cfg = dataclasses.replace(self.lora_cfg, seed=seed)
+        cfg = dataclasses.replace(self.lora_cfg, seed=seed, epochs=epochs or self.lora_cfg.epochs)
         result = (self.train_fn or lora.train)(self.model, self.runtime.tokenizer, examples, cfg, adapter=TRIAL, progress=progress)
         self.model.set_adapter(KNOWLEDGE)
         return result

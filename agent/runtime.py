@@ -355,6 +355,37 @@ class Runtime:
             self.model.train(was_training)
         return out
 
+    @torch.no_grad()
+    def topk_logprobs(self, prompts: list[str], continuations: list[list[int]], k: int,
+                      batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The model's top-``k`` next-token log-probabilities at each token of each
+        continuation (token ids) given its prompt: per pair, (ids, logp), both
+        (len(continuation), k), on the CPU. What a distillation teacher hands over."""
+        batch_size = batch_size or self.cfg.batch_size
+        tok = self.tokenizer
+        pairs = []
+        for p, c in zip(prompts, continuations, strict=True):
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            pairs.append((p_ids + list(c), len(p_ids)))
+        was_training = self.model.training
+        self.model.eval()
+        out: list = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = pad_batch([pairs[i][0] for i in idx], tok.pad_token_id)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for row, i in enumerate(idx):
+                    seq, start_c = pairs[i]
+                    # logits at position t predict token t+1: the continuation's tokens
+                    span = logits[row, start_c - 1 : len(seq) - 1].float()
+                    top, top_ids = torch.log_softmax(span, dim=-1).topk(min(k, span.shape[-1]), dim=-1)
+                    out[i] = (top_ids.cpu(), top.cpu())
+        finally:
+            self.model.train(was_training)
+        return out
+
 
 def load_tokenizer(cfg: ModelConfig):
     """Only the tokenizer (for counting tokens at ingest time, without the weights)."""

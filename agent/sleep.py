@@ -13,6 +13,7 @@ the sleep at the next step or training step and commits nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -28,8 +29,9 @@ from policies import self_edit as self_edits
 from policies.consolidation import MERGE_TYPES, Mix
 from policies.reward import Scores
 
-from . import tracking
+from . import teacher, tracking
 from .events import ADVANCE, END, START, Event, OnEvent, ignore
+from .trial import Candidate, examples_of
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,10 @@ def commit_order(learner, learned: list[int]) -> list[int]:
 
 def committed_examples(learner, passage_id: int) -> list[Example]:
     """A committed passage's training examples, rebuilt from the self-edit its commit
-    chose (the passage alone when none is recorded)."""
+    chose (the passage alone when none is recorded). A distillation candidate is
+    re-distilled: its stored transfer set (prompts and the teacher's answers) gets
+    fresh teacher targets from the model as it is now, with the passage in view; the
+    passage text, when it is in the mix, is goldfish-masked."""
     store = learner.store
     p = store.passage(passage_id)
     committed = {c["id"] for c in store.cycles(passage_id=passage_id) if c["outcome"] == "committed"}
@@ -194,7 +199,9 @@ def committed_examples(learner, passage_id: int) -> list[Example]:
         log.warning("passage %s was committed with unknown self-edit policy %r: replaying the passage alone",
                     passage_id, name)
         name, edit = "passage", ""
-    return self_edits.get(name).examples(p["title"], p["text"], edit, learner.runtime.chat)
+    stored = json.loads((chosen[-1].get("transfer") if chosen else None) or "[]")
+    examples, _ = examples_of(learner, p, Candidate(name, edit), answered=[teacher.Answered(**a) for a in stored])
+    return examples
 
 
 def dream(learner, n: int, cfg: SleepConfig, seed: int) -> list[Example]:
@@ -210,7 +217,7 @@ def dream(learner, n: int, cfg: SleepConfig, seed: int) -> list[Example]:
     with model.disable_adapter():
         gens = rt.generate([start] * n, max_new_tokens=cfg.dream_tokens, temperature=cfg.dream_temperature,
                            top_p=cfg.dream_top_p, seed=seed)
-    return [Example(prompt=start, completion=g.text) for g in gens if g.text.strip()]
+    return [Example(prompt=start, completion=g.text, goldfish=learner.distill.goldfish) for g in gens if g.text.strip()]
 
 
 def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, on_event: OnEvent,

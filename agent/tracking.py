@@ -177,14 +177,19 @@ def memorisation(learner, adapter: str, passage_ids: list[int], prefix_tokens: i
     """Greedy continuation of each passage's first ``prefix_tokens`` tokens (as trained:
     title, newline, text) against its true next ``n_tokens``. A short passage is split
     in half. Rows for ``store.add_memorisation`` (without adapter_id)."""
+    passages = {pid: learner.store.passage(pid) for pid in passage_ids}
+    return continuation_match(learner, adapter, {pid: (p["title"], p["text"]) for pid, p in passages.items() if p},
+                              prefix_tokens, n_tokens)
+
+
+def continuation_match(learner, adapter: str, texts: dict, prefix_tokens: int = 32, n_tokens: int = 32) -> list[dict]:
+    """``memorisation`` for passages given as {key: (title, text)}; rows carry the key
+    as ``passage_id``."""
     rt, model = learner.runtime, learner.model
     tok = rt.tokenizer
     todo = []
-    for pid in passage_ids:
-        p = learner.store.passage(pid)
-        if p is None:
-            continue
-        ids = tok(passage_text(p["title"], p["text"]), add_special_tokens=False)["input_ids"]
+    for pid, (title, text) in texts.items():
+        ids = tok(passage_text(title, text), add_special_tokens=False)["input_ids"]
         if len(ids) < 2:
             continue
         k = min(prefix_tokens, max(1, len(ids) // 2))

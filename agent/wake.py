@@ -26,7 +26,7 @@ from typing import ClassVar
 from adapters import lora
 from adapters.names import KNOWLEDGE, TRIAL
 from policies import selection as selections
-from policies.reward import Scores
+from policies.reward import Scores, relative_to
 from store import Job
 
 from .events import END, START, Event, OnEvent, ignore
@@ -124,13 +124,15 @@ def wake_cycle(learner: Learner, job: Job, on_event: OnEvent = ignore,
     with steps("questions", f"questions for '{title}'"):
         reward_qs, probe_qs = learner.question_set(passage)
 
-    # 3. the no-update baseline, closed book
+    # 3. the no-update baseline, closed book (and the teacher, reading, when the reward is relative to it)
     with steps("baseline"):
         baseline = learner.score(KNOWLEDGE, title, reward_qs)
+        teacher_scores = learner.score(KNOWLEDGE, title, reward_qs, context=passage["text"]) \
+            if relative_to(pol.reward) == "teacher" else None
 
     # 4. candidates: the passage alone (the reference) and N self-edits, batched
     with steps("generate", f"writing {cfg.candidates} self-edits ({pol.self_edit})"):
-        written = learner.sample_self_edits(passage, [pol.self_edit] * cfg.candidates, seed)
+        written = learner.sample_self_edits(passage, pol.sampled(cfg.candidates), seed)
     edits = [Candidate(name, text, n) for name, text, n in written]
     cands = candidates_of(pol, edits)
 
@@ -139,7 +141,8 @@ def wake_cycle(learner: Learner, job: Job, on_event: OnEvent = ignore,
     snapshots: dict[int, dict] = {}
     for idx, cand in enumerate(cands):
         o = try_candidate(learner, passage, cand, seed + idx, reward_qs, baseline, idx=idx,
-                          beside_passage=cands[0].policy == PASSAGE, beat=steps.beat, on_event=on_event)
+                          beside_passage=cands[0].policy == PASSAGE, beat=steps.beat, on_event=on_event,
+                          teacher_scores=teacher_scores)
         outcomes.append(o)
         if o.result is not None:
             steps.add("train", o.result.seconds)
@@ -194,7 +197,8 @@ def _candidate_row(idx: int, o: TrialOutcome, per_edit_s: float) -> dict:
     """A candidates-table row of one trial (the RL data: text, rewards, costs)."""
     c = o.candidate
     row = {"policy": c.policy, "idx": idx, "text": c.text, "prompt": "", "n_tokens": c.n_tokens,
-           "n_examples": o.n_examples, "chosen": 0, "note": o.note}
+           "n_examples": o.n_examples, "chosen": 0, "note": o.note,
+           "transfer": json.dumps([a.as_dict() for a in o.transfer]) if o.transfer else None}
     if o.result is None:  # not trained: nothing but the note to record
         return row
     return {**row, "reward_logprob": o.reward_logprob, "reward_acc": o.reward_acc, "reward_f1": o.reward_f1,

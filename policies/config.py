@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+AUGMENT = ("off", "also", "only")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | implications | rewrite | self_qa | qa_chat"})
+    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
+    augment: str = field(default="off", metadata={"help": "off: each self-edit is a candidate (best-of-N) | also: plus one candidate training all N together | only: just that one"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
-    reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy"})
+    reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy | teacher_agreement (label-free: self-written questions, see distill)"})
     selection: str = field(default="floor", metadata={"help": "selection policy: floor (passage-only unless a self-edit beats it by edit_margin) | best_of_n | prefer_edit"})
     min_gain: float = field(default=0.0, metadata={"help": "best_of_n: a committed update must beat the no-update baseline by more than this (floor commits passage-only whenever it trained)"})
     edit_margin: float = field(default=0.05, metadata={"help": "a self-edit must beat the passage-only trial by more than this to be preferred"})
@@ -25,11 +28,22 @@ class PolicyConfig:
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of self-edits (SEAL: 1.0, which makes a 135M model ramble)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling of self-edits (SEAL: 0.95)"})
 
+    @property
+    def self_edits(self) -> tuple[str, ...]:
+        """The self-edit policies sampled in turn (``self_edit``, split on +)."""
+        return tuple(n.strip() for n in self.self_edit.split("+") if n.strip()) or ("",)
+
+    def sampled(self, n: int) -> list[str]:
+        """The policy of each of ``n`` self-edits of a passage: the mix, in turn."""
+        return [self.self_edits[i % len(self.self_edits)] for i in range(n)]
+
     def __post_init__(self) -> None:
         from . import questions, reward, selection, self_edit
 
+        if self.augment not in AUGMENT:
+            raise ValueError(f"augment: expected one of {', '.join(AUGMENT)}, got {self.augment!r}")
         for name, registry, kind in (
-            (self.self_edit, self_edit.SELF_EDIT_POLICIES, "self_edit"),
+            *((n, self_edit.SELF_EDIT_POLICIES, "self_edit") for n in self.self_edits),
             (self.questions, questions.QUESTION_POLICIES, "questions"),
             (self.reward, reward.REWARDS, "reward"),
             (self.selection, selection.SELECTIONS, "selection"),

@@ -82,6 +82,7 @@ class Scores:
     correct: tuple[bool, ...] = ()
     f1s: tuple[float, ...] = ()
     logprobs: tuple[float, ...] = ()  # per question: the answer's mean per-token log-likelihood
+    kl: float | None = None  # drift from the base on generic text, when a reward needs it
 
 
 def answer_logprob(trial: Scores, baseline: Scores) -> float:
@@ -94,9 +95,32 @@ def qa_accuracy(trial: Scores, baseline: Scores) -> float:
     return (trial.accuracy - baseline.accuracy) + 1e-3 * (trial.f1 - baseline.f1)
 
 
+DRIFT_WEIGHT = 1.0  # teacher_agreement: nats of answer log-likelihood one nat of drift KL costs
+
+
+def teacher_agreement(trial: Scores, teacher: Scores) -> float:
+    """Label-free: how closely the closed-book student now answers like the open-book
+    teacher, on questions the model wrote itself and did not train on. The
+    teacher-normalised answer log-likelihood ``log p_student(a|q) - log
+    p_teacher(a|q, passage)`` (0: as sure as when reading), plus the share of answers
+    that contain the teacher's, minus the drift from the base model on generic text
+    (``Scores.kl``: RL's Razor, an update that moves the model far forgets more).
+    ``teacher`` is the scores of the same questions asked open book, before the update."""
+    return (trial.logprob - teacher.logprob) + trial.accuracy - DRIFT_WEIGHT * (trial.kl or 0.0)
+
+
+teacher_agreement.relative_to = "teacher"  # type: ignore[attr-defined]
+
 RewardFn = Callable[[Scores, Scores], float]
 
 REWARDS: Registry[RewardFn] = Registry("reward", {
     "answer_logprob": answer_logprob,
     "qa_accuracy": qa_accuracy,
+    "teacher_agreement": teacher_agreement,
 })
+
+
+def relative_to(name: str) -> str:
+    """What a reward compares a trial's scores with: 'baseline' (the no-update
+    model, closed book) or 'teacher' (the model reading the passage)."""
+    return getattr(REWARDS.get(name), "relative_to", "baseline")

@@ -15,13 +15,14 @@ model, the form of the training text matters as much as its content.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Protocol
 
 from adapters.lora import Example
 
-from .questions import answer_prompt
+from .questions import answer_prompt, self_question_prompt
 from .registry import Registry
 from .reward import normalize
 
@@ -63,6 +64,7 @@ def parse_qa(edit: str) -> list[tuple[str, str]]:
 class SelfEditPolicy(Protocol):
     name: str
     max_new_tokens: int
+    distills: str | None  # None: examples() is the whole candidate; "teacher"/"student": distilled (agent.teacher)
 
     def prompt(self, title: str, text: str) -> str | None: ...
 
@@ -74,6 +76,7 @@ class PassageOnly:
 
     name = "passage"
     max_new_tokens = 0
+    distills = None
 
     def prompt(self, title: str, text: str) -> str | None:
         return None
@@ -89,6 +92,7 @@ class _LinesPolicy:
     name = ""
     instruction = ""
     max_new_tokens = 256
+    distills = None
 
     def prompt(self, title: str, text: str) -> str | None:
         return f"{passage_text(title, text)}\n\n{self.instruction}"
@@ -149,6 +153,67 @@ class QAChat(SelfQA):
         return [Example(prompt="", completion=passage_text(title, text)), *items]
 
 
+class Distill:
+    """Learning by reading: the writer writes questions about the passage (its
+    self-edit), and the trial distils the open-book teacher's answers to them, and to
+    "what do you know about TITLE" and "explain X" prompts, into the closed-book
+    student (``policies.transfer``, ``agent.teacher``). ``examples`` here is only the
+    passage: the transfer set needs the model, so the agent builds it."""
+
+    name = "distill"
+    distills = "teacher"  # off-policy: the teacher answers, the student learns its answers
+    max_new_tokens = 256
+    questions = 8
+
+    def prompt(self, title: str, text: str) -> str | None:
+        return self_question_prompt(title, text, self.questions)
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        return [Example(prompt="", completion=passage_text(title, text))]
+
+
+class DistillOnPolicy(Distill):
+    """SDFT's on-policy variant: the student answers the same prompts closed book and
+    the open-book teacher scores its answers (top-k KL on the student's own tokens)."""
+
+    name = "distill_onpolicy"
+    distills = "student"
+
+
+AUGMENTED = "augmented"
+
+
+class Augmented:
+    """Several self-edits of one passage trained together (diverse restatements of the
+    same facts, rather than the one that won): ``edit`` is a JSON list of [policy, text]
+    pairs (``pack``). The agent builds the examples part by part (``agent.trial``), the
+    passage once; a distilling part brings its transfer set."""
+
+    name = AUGMENTED
+    max_new_tokens = 0
+    distills = None
+
+    def prompt(self, title: str, text: str) -> str | None:
+        return None  # it writes nothing itself: its parts were written by their policies
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        out: list[Example] = []
+        for policy, part in parts(edit):
+            for e in get(policy).examples(title, text, part, chat):
+                if e not in out:
+                    out.append(e)
+        return out
+
+
+def pack(edits: list[tuple[str, str]]) -> str:
+    return json.dumps([[policy, text] for policy, text in edits], ensure_ascii=False)
+
+
+def parts(edit: str) -> list[tuple[str, str]]:
+    """The (policy, text) parts of an augmented candidate's edit."""
+    return [(policy, text) for policy, text in json.loads(edit or "[]") if policy != AUGMENTED]
+
+
 def adds_nothing(examples: list[Example], title: str, text: str) -> bool:
     """True when a self-edit's examples are just the passage-only update's: training
     on them would repeat the passage-only trial."""
@@ -163,7 +228,7 @@ def register(cls: type) -> type:
     return SELF_EDIT_POLICIES.register(cls.name, cls)
 
 
-for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat):
+for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
     register(_cls)
 
 

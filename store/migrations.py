@@ -249,3 +249,11 @@ def sleep_tables(db: Database) -> None:
         not_null=["passage_id", "exact", "token_match", "at"],
     )
     db["memorisation"].create_index(["adapter_id", "passage_id"])
+
+
+@migrations(name="0004_transfer_sets")
+def transfer_sets(db: Database) -> None:
+    """A distillation candidate's answered transfer set (JSON: kind, student and
+    teacher prompts, answer, how), so that a sleep re-distils it without writing it
+    anew."""
+    db["candidates"].add_column("transfer", str)

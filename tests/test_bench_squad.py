@@ -77,7 +77,7 @@ def _figures(result: dict) -> list:
 @pytest.mark.slow
 def test_a_rerun_with_the_same_seed_reproduces_every_figure(tokenizer, data_file):
     first = _squad(tokenizer, data_file)
-    assert [r["condition"] for r in first["rows"]] == ["base", "passage", "implications", "rewrite", "best-of-2", "open-book"]
+    assert [r["condition"] for r in first["rows"]] == ["base", "passage", "implications", "rewrite", "default", "open-book"]
     assert first["passages"] == 2 and all(split_of(p["title"]) == "eval" for p in first["per_passage"])
     assert all(r["questions"] > 0 and r["passages"] == 2 for r in first["rows"])
     assert first["versions"]["torch"] and first["config"]["lora"]["rank"] == 4 and first["seed"] == 3

@@ -40,12 +40,14 @@ def bench() -> None:
               help="tune-split passages the editor is trained on (never an evaluated one)")
 @click.option("--editors", "editors_dir", type=click.Path(file_okay=False),
               help="editors from `seal bench editor` (default: <out>.editors, trained first if missing)")
+@click.option("--reward-study", is_flag=True,
+              help="also write each passage's own questions and record every reward of every trial beside its probe accuracy")
 @click.option("--resume", is_flag=True, help="continue the interrupted run saved at --out")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/squad-<seed>-<n>.json)")
 @pass_app
 def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split: str, policy_names: str,
-                candidates: int | None, rounds: int, editor_passages: int, editors_dir: str | None, resume: bool,
-                out_path: str | None) -> None:
+                candidates: int | None, rounds: int, editor_passages: int, editors_dir: str | None,
+                reward_study: bool, resume: bool, out_path: str | None) -> None:
     """SEAL's single-passage protocol: closed-book probe accuracy after each kind of update."""
     import json as jsonlib
 
@@ -87,7 +89,8 @@ def bench_squad(app: App, data_path: str | None, passages: int, seed: int, split
         try:
             result = run_squad(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
                                policies=names, candidates=candidates, editors=editors, editor_info=editor_info,
-                               previous=previous, say=say, on_passage=tick, on_result=save)
+                               previous=previous, reward_study=reward_study, say=say, on_passage=tick,
+                               on_result=save)
         except ValueError as e:
             fail(str(e))
     save(result)
@@ -218,19 +221,27 @@ def bench_show(result_file: str) -> None:
 def _print_squad(result: dict) -> None:
     table = Table(title=f"SQuAD single-passage, {result['passages']} passages ({result['split']} split, seed {result['seed']}), "
                         f"closed-book, probe questions", box=None, pad_edge=False, title_justify="left")
-    for col in ("condition", "acc %", "95% CI", "F1", "95% CI", "q", "tokens", "s/psg"):
+    for col in ("condition", "acc %", "95% CI", "F1", "95% CI", "q", "mem %", "tokens", "s/psg"):
         table.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
     for r in result["rows"]:
         lo, hi = r["ci95"]
         f_lo, f_hi = r.get("f1_ci95", [math.nan, math.nan])
         table.add_row(r["condition"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.0f}-{100 * hi:.0f}",
                       f"{100 * r['f1']:.1f}", f"{100 * f_lo:.0f}-{100 * f_hi:.0f}", str(r["questions"]),
+                      "-" if r.get("memorised") is None else f"{100 * r['memorised']:.0f}",
                       f"{r['tokens_per_passage']:.0f}", f"{r['seconds_per_passage']:.1f}")
     print_table(table)
     b = result.get("best_of_n_breakdown_median_s") or {}
     if b:
-        click.echo("best-of-N per passage (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())
+        click.echo("default row per passage (median s): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items())
                    + f"; total {sum(b.values()):.1f}")
+    for name, m in (result.get("margins") or {}).items():
+        lo, hi = m["ci95"]
+        click.echo(f"{name}: {m['points']:+.1f} points (95% CI {lo:+.1f} to {hi:+.1f}, {m['questions']} paired questions)")
+    for name, r in (result.get("reward_study") or {}).items():
+        fmt = lambda v: "n/a" if v is None else f"{v:+.2f}"  # noqa: E731
+        click.echo(f"reward {name}: Spearman with probe accuracy {fmt(r['spearman'])} over {r['trials']} trials, "
+                   f"{fmt(r['spearman_within_passage'])} within passages")
     e = result.get("editors")
     if e:
         click.echo(f"editors: ReST-EM on {len(e['passages'])} tune passages, pairs per round {e['pairs']}")

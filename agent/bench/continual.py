@@ -148,7 +148,7 @@ def run_continual(
         ids = _ingest(store, data)
         if learner is None:
             learner = Learner(runtime, store, AdapterRegistry(base_home / "adapters", store),
-                              cfg.lora, cfg.policies, wake_cfg)
+                              cfg.lora, cfg.policies, wake_cfg, distill=cfg.distill)
         else:
             store.close()
             _open(learner, base_home)

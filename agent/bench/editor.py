@@ -138,7 +138,7 @@ def train_editors(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pol, ecfg = cfg.policies, cfg.editor
-    names = list(names or [pol.self_edit] * cfg.wake.candidates)
+    names = list(names or pol.sampled(cfg.wake.candidates))
     pool = [d for d in load_squad(data_path) if d["title"] not in exclude_titles]
     data = draw(pool, passages, seed, "tune")
     setup = {"data": data_id(data_path), "seed": seed, "passages": [d["title"] for d in data], "names": names,
@@ -157,7 +157,7 @@ def train_editors(
 
     tmp = Path(tempfile.mkdtemp(prefix="seal-bench-editor-"))
     store = Store(tmp / "store.db")
-    learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
+    learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake, distill=cfg.distill)
     passage_trials: dict[str, dict] = {}
     for done in result["rounds"]:
         for rec in done["per_passage"]:
@@ -294,7 +294,7 @@ def study_rules(pol) -> dict[str, tuple[str, str, float, float]]:
     policy under each reward at two margins."""
     rules = {f"configured ({pol.selection}, {pol.reward}, margin {pol.edit_margin:g})":
              (pol.selection, pol.reward, pol.min_gain, pol.edit_margin)}
-    for reward in rewards.REWARDS:
+    for reward in (r for r in rewards.REWARDS if rewards.relative_to(r) == "baseline"):  # the study has no teacher scores
         for selection in selections.SELECTIONS:
             for margin in (0.0, 0.05):
                 rules[f"{selection}, {reward}, margin {margin:g}"] = (selection, reward, pol.min_gain, margin)

@@ -206,12 +206,13 @@ def _cycle(learner: Learner, meter: FlopMeter, say: Callable[[str], None], mode:
 
 
 def measured_learner(runtime: Runtime, home: tuple[Store, AdapterRegistry], lora_cfg: lora.LoraConfig,
-                     policies, wake_cfg, mode: str, pad_to: int) -> Learner:
+                     policies, wake_cfg, mode: str, pad_to: int, distill=None) -> Learner:
     """A Learner on the resident model for one mode: the optimised one is seal's own;
     the reference trains with SEAL's inner loop and scores one question at a time."""
     if mode == "reference":
-        return Learner(runtime, *home, lora_cfg, policies, wake_cfg, train_fn=reference_trainer(pad_to), score_batch=1)
-    return Learner(runtime, *home, lora_cfg, policies, wake_cfg)
+        return Learner(runtime, *home, lora_cfg, policies, wake_cfg, train_fn=reference_trainer(pad_to), score_batch=1,
+                       distill=distill)
+    return Learner(runtime, *home, lora_cfg, policies, wake_cfg, distill=distill)
 
 
 def _warm_up(learner: Learner) -> None:
@@ -290,7 +291,7 @@ def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, 
     try:
         homes = {mode: _home(root, mode, [passage]) for mode in MODES}
         stores += [s for s, _ in homes.values()]
-        base = Learner(runtime, *homes["optimised"], lora_cfg, policies, wake_cfg)
+        base = Learner(runtime, *homes["optimised"], lora_cfg, policies, wake_cfg, distill=cfg.distill)
         say("warming up")
         _warm_up(base)
         say("checking the FLOP meter against torch's FlopCounterMode")
@@ -298,7 +299,7 @@ def run_speed(runtime: Runtime, cfg: Config, *, data_path: Path, seed: int = 0, 
         modes = {}
         with FlopMeter() as meter:
             for mode in MODES:
-                learner = measured_learner(runtime, homes[mode], lora_cfg, policies, wake_cfg, mode, pad_to)
+                learner = measured_learner(runtime, homes[mode], lora_cfg, policies, wake_cfg, mode, pad_to, cfg.distill)
                 on_mode(mode)
                 modes[mode] = _cycle(learner, meter, say, mode)
                 learner.reload_active()

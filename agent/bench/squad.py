@@ -26,7 +26,9 @@ margins, hyper-parameters) is tuned on the tune split only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -37,17 +39,91 @@ from pathlib import Path
 from adapters import lora
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from adapters.registry import AdapterRegistry
+from policies import reward as rewards
 from policies import selection as selections
+from policies import self_edit as self_edits
 from policies.questions import split_roles
-from policies.reward import Scores
+from policies.reward import Scores, relative_to
 from store import Store
 
 from ..config import Config
 from ..datasets import data_id
 from ..learner import Learner
 from ..runtime import Runtime
+from ..tracking import continuation_match, kl_from_base
 from ..trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candidate
 from .common import DEFAULT_POLICIES, bootstrap_ci, draw, load_squad, versions
+
+DEFAULT_ROW = "default"  # exactly the wake cycle with the configuration given: its candidates, reward and selection
+REWARD_NAMES = ("answer_logprob", "qa_accuracy", "teacher_agreement")
+
+
+def margins(records: list[dict], row: str = DEFAULT_ROW) -> dict:
+    """The default row's accuracy minus passage-only's and minus open-book's, paired
+    per probe question, with 95% bootstrap intervals (the issue's two targets)."""
+    out = {}
+    for other in ("passage", "open-book"):
+        diffs = [float(a) - float(b) for r in records if row in r["conditions"] and other in r["conditions"]
+                 for a, b in zip(r["conditions"][row]["correct"], r["conditions"][other]["correct"], strict=True)]
+        if diffs:
+            lo, hi = bootstrap_ci(diffs)
+            out[f"{row} - {other}"] = {"points": 100 * sum(diffs) / len(diffs), "ci95": [100 * lo, 100 * hi],
+                                       "questions": len(diffs)}
+    return out
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when undefined."""
+    if len(xs) < 3:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else None
+
+
+def reward_correlations(records: list[dict]) -> dict:
+    """Which reward predicts probe accuracy: Spearman's rho over every trial of the
+    reward study, pooled, and within passages (each trial's reward and probe accuracy
+    minus its passage's mean: what selection among one passage's candidates sees)."""
+    out = {}
+    for name in REWARD_NAMES:
+        pooled, within = ([], []), ([], [])
+        for r in records:
+            rows = [t for t in r.get("reward_study", []) if t.get(name) is not None and math.isfinite(t[name])]
+            for t in rows:
+                pooled[0].append(t[name])
+                pooled[1].append(t["probe_acc"])
+            if len(rows) >= 2:
+                mr = sum(t[name] for t in rows) / len(rows)
+                mp = sum(t["probe_acc"] for t in rows) / len(rows)
+                within[0].extend(t[name] - mr for t in rows)
+                within[1].extend(t["probe_acc"] - mp for t in rows)
+        if pooled[0]:
+            out[name] = {"trials": len(pooled[0]), "spearman": spearman(*pooled),
+                         "spearman_within_passage": spearman(*within)}
+    return out
+
+
+def _share(memos: list[dict | None]) -> float | None:
+    """Share of passages whose 32-token continuation came back verbatim."""
+    got = [m["exact"] for m in memos if m and m.get("exact") is not None]
+    return sum(got) / len(got) if got else None
 
 
 def summary(condition: str, records: list[dict]) -> dict:
@@ -66,6 +142,7 @@ def summary(condition: str, records: list[dict]) -> dict:
         "f1_ci95": [f_lo, f_hi],
         "questions": len(correct),
         "passages": len(got),
+        "memorised": _share([g.get("memorised") for g in got]),
         "seconds_per_passage": statistics.median(g["seconds"] for g in got) if got else 0.0,
         "tokens_per_passage": statistics.median(g["tokens"] for g in got) if got else 0,
     }
@@ -84,6 +161,7 @@ def run_squad(
     editors: dict[str, dict] | None = None,
     editor_info: dict | None = None,
     previous: dict | None = None,
+    reward_study: bool = False,
     say: Callable[[str], None] = lambda _m: None,
     on_passage: Callable[[int, int], None] = lambda _i, _n: None,
     on_result: Callable[[dict], None] | None = None,
@@ -102,7 +180,7 @@ def run_squad(
         raise ValueError(f"the editors were trained on evaluated passages (e.g. {sorted(overlap)[0]!r})")
     n_cand = cfg.wake.candidates if candidates is None else candidates
     pol = cfg.policies
-    conds = ["base", "passage", *policies, f"best-of-{n_cand}", *editors, "open-book"]
+    conds = ["base", "passage", *policies, DEFAULT_ROW, *editors, "open-book"]
     setup = {
         "benchmark": "squad", "data": data_id(data_path), "split": split, "seed": seed, "planned": len(data),
         "conditions": conds,
@@ -123,6 +201,8 @@ def run_squad(
             **setup,
             "passages": len(per_passage),
             "rows": [summary(c, per_passage) for c in conds],
+            "margins": margins(per_passage),
+            "reward_study": reward_correlations(per_passage),
             "best_of_n_breakdown_median_s": {k: statistics.median(p["best_of_n_s"][k] for p in per_passage)
                                              for k in ("generate", "train", "score")} if per_passage else {},
             "versions": versions(),
@@ -133,11 +213,12 @@ def run_squad(
     if len(per_passage) < len(data):
         tmp = Path(tempfile.mkdtemp(prefix="seal-bench-"))
         store = Store(tmp / "store.db")  # a fresh home: nothing learned, nothing shared
-        learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake)
+        learner = Learner(runtime, store, AdapterRegistry(tmp / "adapters", store), cfg.lora, pol, cfg.wake,
+                          distill=cfg.distill)
         try:
             for i in range(len(per_passage), len(data)):
                 per_passage.append(_one_passage(learner, runtime, pol, data[i], i, seed, policies, n_cand,
-                                                editors, say, len(data)))
+                                                editors, say, len(data), reward_study))
                 on_passage(i + 1, len(data))
                 if on_result:
                     on_result(result())  # a partial result survives an interrupted run
@@ -147,7 +228,8 @@ def run_squad(
 
 
 def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed: int, policies: tuple[str, ...],
-                 n_cand: int, editors: dict[str, dict], say: Callable[[str], None], n_data: int) -> dict:
+                 n_cand: int, editors: dict[str, dict], say: Callable[[str], None], n_data: int,
+                 reward_study: bool = False) -> dict:
     """All conditions for one passage: its record (per condition: per-question grades,
     seconds, tokens). Every update is one ``try_candidate`` from a fresh LoRA; the
     best-of-N row selects among the same candidates as the wake cycle would
@@ -174,24 +256,56 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     t0 = time.perf_counter()
     add("open-book", learner.score(KNOWLEDGE, title, probe_qs, context=text), time.perf_counter() - t0, 0)
     baseline_reward = learner.score(KNOWLEDGE, title, reward_qs)
+    # the label-free reward's questions: the model's own, verified, never trained on
+    label_free = relative_to(pol.reward) == "teacher"
+    own_qs, own_base, own_teacher = [], None, None
+    if label_free or reward_study:
+        say(f"[{i + 1}/{n_data}] {title}: writing its own questions")
+        own_qs = [{"id": j, "question": q.question, "answer": q.answer}
+                  for j, q in enumerate(learner.write_questions({**passage, "id": i}))]
+        own_base = learner.score(KNOWLEDGE, title, own_qs)
+        own_teacher = learner.score(KNOWLEDGE, title, own_qs, context=text)
+    sel_qs, sel_base = (own_qs, own_base) if label_free else (reward_qs, baseline_reward)
+    study: list[dict] = []
+    memorised: dict[int, dict] = {}  # trial index -> verbatim continuation of the passage after it
 
-    # one batched generation: one sample per policy, plus N-1 more of the selecting policy
+    # one batched generation: one sample per policy row, then the wake cycle's N samples
+    # (pol.sampled(N)); a row's sample is reused as the default's first of that policy
     say(f"[{i + 1}/{n_data}] {title}: writing self-edits")
-    names = list(policies) + [pol.self_edit] * max(n_cand - (1 if pol.self_edit in policies else 0), 0)
+    writes = [n for n in policies if self_edits.get(n).prompt(title, text) is not None]
+    row_of = {n: k for k, n in enumerate(writes, start=1)}  # a row's edit: its index in edits, from 1
+    wake_edits, extra = [], []
+    for n in pol.sampled(n_cand):
+        if self_edits.get(n).prompt(title, text) is None:
+            continue  # a policy that writes nothing (passage): no self-edit
+        if n in row_of:
+            wake_edits.append(row_of.pop(n))
+        else:
+            extra.append(n)
+            wake_edits.append(len(writes) + len(extra))
     t0 = time.perf_counter()
-    edits = [Candidate(*e) for e in learner.sample_self_edits(passage, names, seed=seed * 7919 + i)]
+    edits = [Candidate(*e) for e in learner.sample_self_edits(passage, writes + extra, seed=seed * 7919 + i)]
     per_edit_s = (time.perf_counter() - t0) / max(len(edits), 1)
 
     def run_trial(cand: Candidate, k: int) -> tuple[TrialOutcome, Scores | None, float]:
         """One trial and, when it trained to the end, its probe scores (and seconds)."""
-        o = try_candidate(learner, passage, cand, seed + 31 * i + k, reward_qs, baseline_reward, idx=k,
-                          beside_passage=True)
+        o = try_candidate(learner, passage, cand, seed + 31 * i + k, sel_qs, sel_base, idx=k,
+                          beside_passage=True, teacher_scores=own_teacher)
         if o.result is None:  # the same as passage-only: its probes, at no cost
             return o, p_pass, 0.0
         if not o.ok:  # a non-finite loss: no update to measure
             return o, None, o.result.seconds
         t1 = time.perf_counter()
         p = learner.score(TRIAL, title, probe_qs)
+        (memo,) = continuation_match(learner, TRIAL, {0: (title, text)}) or [{"exact": None, "token_match": None}]
+        memorised[k] = {"exact": memo["exact"], "token_match": memo["token_match"]}
+        if own_qs:  # every reward of this trial beside its probe accuracy (the reward study)
+            mine = learner.score(TRIAL, title, own_qs)
+            mine = dataclasses.replace(mine, kl=kl_from_base(learner, TRIAL)[0])
+            study.append({"policy": cand.policy, "k": k, "probe_acc": p.accuracy,
+                          "answer_logprob": o.reward_logprob, "qa_accuracy": o.reward_acc if not label_free else None,
+                          "teacher_agreement": rewards.teacher_agreement(mine, own_teacher),
+                          "kl": mine.kl})
         return o, p, o.result.seconds + o.score_seconds + time.perf_counter() - t1
 
     def cost(o: TrialOutcome, secs: float) -> tuple[float, int]:
@@ -201,29 +315,42 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     p_pass = None
     o_pass, p_pass, secs = run_trial(Candidate(PASSAGE), 0)
     add("passage", p_pass, *cost(o_pass, secs))
-    # best-of-N: the wake cycle's candidates (passage-only, when it trains it, and N samples of its policy)
-    pool = [(0, o_pass, p_pass, secs)] if candidates_of(pol, edits)[0].policy == PASSAGE else []
-    first_of_policy: set[str] = set()
+    record["conditions"]["passage"]["memorised"] = memorised.get(0)
+    done: dict[int, tuple[TrialOutcome, Scores | None, float]] = {0: (o_pass, p_pass, secs)}
     texts = []
     for k, cand in enumerate(edits, start=1):
+        if k > len(writes) and k not in wake_edits:
+            continue
         say(f"[{i + 1}/{n_data}] {title}: trial {k}/{len(edits)} ({cand.policy})")
-        o, p, secs = run_trial(cand, k)
+        done[k] = run_trial(cand, k)
         texts.append({"policy": cand.policy, "text": cand.text})
-        if cand.policy not in first_of_policy and cand.policy in policies:
-            first_of_policy.add(cand.policy)
+        if k <= len(writes):
+            o, p, secs = done[k]
             s_, t_ = cost(o, secs)
             add(cand.policy, p if p is not None else base, per_edit_s + s_, cand.n_tokens + t_)
-        if cand.policy == pol.self_edit and sum(1 for _, c, _, _ in pool if c.candidate.policy != PASSAGE) < n_cand:
-            pool.append((k, o, p, secs))
+            record["conditions"][cand.policy]["memorised"] = memorised.get(k if o.result else 0)
+    # the default row: the wake cycle's candidates (candidates_of), trained as it trains them
+    pool = []
+    wake_cands = candidates_of(pol, [edits[k - 1] for k in wake_edits])
+    by_text = {(edits[k - 1].policy, edits[k - 1].text): k for k in wake_edits}
+    for cand in wake_cands:
+        k = 0 if cand.policy == PASSAGE else by_text.get((cand.policy, cand.text))
+        if k is None:  # the augmented candidate: all the default's self-edits together
+            k = len(edits) + 1
+            say(f"[{i + 1}/{n_data}] {title}: trial {k} ({cand.policy})")
+            done[k] = run_trial(cand, k)
+        pool.append((k, *done[k]))
     choice, chosen, bo_time, bo_tokens = _best_of_n(pol, pool, per_edit_s)
-    add(f"best-of-{n_cand}", chosen if chosen is not None else base, sum(bo_time.values()), bo_tokens)
+    bo_time["generate"] = per_edit_s * len(wake_edits)  # the self-edits it wrote (an augmented one writes none)
+    add(DEFAULT_ROW, chosen if chosen is not None else base, sum(bo_time.values()), bo_tokens)
+    record["conditions"][DEFAULT_ROW]["memorised"] = memorised.get(choice.idx) if choice.idx is not None else None
 
     # the editors after ReST-EM rounds: one self-edit each, written by that editor
     for j, (cond, weights) in enumerate(editors.items()):
         say(f"[{i + 1}/{n_data}] {title}: {cond}")
         lora.restore(learner.model, EDITOR, weights)
         t0 = time.perf_counter()
-        got = learner.sample_self_edits(passage, [pol.self_edit], seed=seed * 7919 + i, writer=EDITOR)
+        got = learner.sample_self_edits(passage, [pol.self_edits[0]], seed=seed * 7919 + i, writer=EDITOR)
         gen_s = time.perf_counter() - t0
         cand = Candidate(*got[0]) if got else Candidate(PASSAGE)
         o, p, secs = run_trial(cand, 100 + j)
@@ -238,6 +365,8 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         "trials": [asdict(o.as_trial(k)) for k, o, _, _ in pool],
         "best_of_n_s": bo_time,
         "self_edits": texts,
+        "n_own_questions": len(own_qs),
+        "reward_study": study,
         "seconds": time.perf_counter() - t_passage,
     })
     return record
@@ -249,9 +378,10 @@ def _best_of_n(pol, pool: list[tuple[int, TrialOutcome, Scores | None, float]], 
     step, tokens generated + trained)."""
     choice = selections.get(pol.selection)([o.as_trial(k) for k, o, _, _ in pool], pol.min_gain, pol.edit_margin)
     chosen = {k: p for k, _, p, _ in pool}.get(choice.idx) if choice.idx is not None else None
-    n_edits = sum(1 for _, o, _, _ in pool if o.candidate.policy != PASSAGE)
+    n_edits = sum(1 for _, o, _, _ in pool if o.candidate.policy not in (PASSAGE, self_edits.AUGMENTED))
     seconds = {"generate": per_edit_s * n_edits,
                "train": sum(o.result.seconds for _, o, _, _ in pool if o.result),
                "score": sum(secs - o.result.seconds for _, o, _, secs in pool if o.result)}
-    tokens = sum(o.candidate.n_tokens + (o.result.tokens if o.result else 0) for _, o, _, _ in pool)
+    tokens = sum((0 if o.candidate.policy == self_edits.AUGMENTED else o.candidate.n_tokens)
+                 + (o.result.tokens if o.result else 0) for _, o, _, _ in pool)
     return choice, chosen, seconds, tokens

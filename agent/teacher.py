@@ -1,0 +1,92 @@
+"""The teacher: the model with the passage in its prompt, as it is before the update.
+
+A distillation candidate is built in three steps:
+
+1. *prompts* (``policies.transfer.prompts``): the writer's questions, "what do you
+   know about TITLE", "explain X";
+2. *answers*: off-policy, the teacher answers each prompt open book, greedy and
+   sampled, and a prompt whose answers disagree is dropped (self-verification: what
+   the model cannot answer consistently while reading, it does not teach);
+   on-policy (SDFT's recipe), the student answers closed book and the teacher only
+   scores those answers;
+3. *targets*: the teacher's top-k next-token log-probabilities over every answer token,
+   computed once here, so that training (``adapters.lora``: top-k KL with a tail
+   bucket) never runs the teacher again.
+
+The answered prompts (``Answered``) are what the store keeps of a transfer set: a
+sleep re-distils them (``targets`` again, with the passage) without writing them anew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from adapters import lora
+from adapters.names import KNOWLEDGE
+from policies import transfer
+from policies.reward import is_correct, token_f1
+
+from .learner import Learner
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One prompt of a transfer set and the answer the student learns to give."""
+
+    kind: str
+    student: str  # user messages (chat-formatted when used)
+    teacher: str
+    answer: str
+    how: str  # greedy | sampled | student (on-policy)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _agree(a: str, b: str, threshold: float) -> bool:
+    return is_correct(a, b) or is_correct(b, a) or token_f1(a, b) >= threshold
+
+
+def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConfig, seed: int,
+           onpolicy: bool = False) -> list[Answered]:
+    """The answered transfer set of one self-edit (see the module's docstring)."""
+    rt, title, text = learner.runtime, passage["title"], passage["text"]
+    todo = transfer.prompts(title, text, edit, cfg)
+    if not todo:
+        return []
+    side = [p.student if onpolicy else p.teacher for p in todo]
+    chats = [rt.chat(m) for m in side]
+    learner.model.set_adapter(KNOWLEDGE)  # the teacher (and, on-policy, the student as it is now)
+    greedy = rt.generate(chats, max_new_tokens=cfg.answer_tokens)
+    sampled = [rt.generate(chats, max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature,
+                           top_p=0.95, seed=seed + 101 * j) for j in range(cfg.samples)]
+    out = []
+    for i, p in enumerate(todo):
+        g = greedy[i].text
+        others = [s[i].text for s in sampled]
+        if not g.strip():
+            continue
+        if onpolicy:
+            out += [Answered(p.kind, p.student, p.teacher, a, "student") for a in dict.fromkeys([g, *others]) if a.strip()]
+            continue
+        if others and not any(_agree(o, g, cfg.agree) for o in others):
+            continue  # the teacher cannot answer it consistently: not taught
+        out.append(Answered(p.kind, p.student, p.teacher, g, "greedy"))
+        out += [Answered(p.kind, p.student, p.teacher, o, "sampled") for o in dict.fromkeys(others)
+                if o.strip() and o != g and _agree(o, g, cfg.agree)]
+    return out
+
+
+def targets(learner: Learner, items: list[Answered], k: int) -> list[lora.Example]:
+    """Training examples of answered prompts: closed-book chat prompt -> answer (with
+    EOS), each with the teacher's top-k log-probabilities over its tokens (the model
+    with the passage in view, the knowledge adapter as it is now)."""
+    if not items:
+        return []
+    rt = learner.runtime
+    examples = [lora.Example(rt.chat(a.student), a.answer, eos=True) for a in items]
+    ids = [lora.completion_ids(rt.tokenizer, e) for e in examples]
+    learner.model.set_adapter(KNOWLEDGE)
+    tops = rt.topk_logprobs([rt.chat(a.teacher) for a in items], ids, k)
+    return [lora.Example(e.prompt, e.completion, eos=True, teacher=lora.Teacher(t_ids, t_lp))
+            for e, (t_ids, t_lp) in zip(examples, tops, strict=True)]
