@@ -48,10 +48,11 @@ def _agree(a: str, b: str, threshold: float) -> bool:
 
 
 def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConfig, seed: int,
-           onpolicy: bool = False) -> list[Answered]:
-    """The answered transfer set of one self-edit (see the module's docstring)."""
+           onpolicy: bool = False, exclude: frozenset[str] = frozenset()) -> list[Answered]:
+    """The answered transfer set of one self-edit (see the module's docstring);
+    questions in ``exclude`` (normalised) are not taught."""
     rt, title, text = learner.runtime, passage["title"], passage["text"]
-    todo = transfer.prompts(title, text, edit, cfg)
+    todo = transfer.prompts(title, text, edit, cfg, exclude)
     if not todo:
         return []
     side = [p.student if onpolicy else p.teacher for p in todo]

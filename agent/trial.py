@@ -26,7 +26,7 @@ from policies import reward as rewards
 from policies import selection as selections
 from policies import self_edit as self_edits
 from policies.config import PolicyConfig
-from policies.reward import Scores
+from policies.reward import Scores, normalize
 
 from . import teacher, tracking
 from .events import ADVANCE, END, START, Event, OnEvent, ignore
@@ -101,13 +101,13 @@ def parts_of(cand: Candidate) -> list[Candidate]:
 
 
 def examples_of(learner: Learner, passage: dict, cand: Candidate, seed: int = 0,
-                answered: list | None = None) -> tuple[list[lora.Example], tuple]:
+                answered: list | None = None, held_out: list[dict] = ()) -> tuple[list[lora.Example], tuple]:
     """A candidate's training examples, and its answered transfer set when it distils
     (the teacher answers and scores it here, once; ``answered``, a stored transfer set,
     is re-distilled instead of answered anew). An augmented candidate trains on all its
     self-edits at once, the passage once. Where the passage stays in the mix of a
     self-edit, it is goldfish-masked (``distill.goldfish``); passage-only stays SEAL's
-    plain reference."""
+    plain reference. ``held_out`` questions (the reward's) are never taught."""
     title, text, cfg = passage["title"], passage["text"], learner.distill
     out: list[lora.Example] = []
     items: list = []
@@ -121,7 +121,8 @@ def examples_of(learner: Learner, passage: dict, cand: Candidate, seed: int = 0,
         if cfg.keep_passage:
             out.append(lora.Example("", self_edits.passage_text(title, text)))
         if answered is None:
-            items += teacher.answer(learner, passage, part.text, cfg, seed + 7 * j, onpolicy=policy.distills == "student")
+            items += teacher.answer(learner, passage, part.text, cfg, seed + 7 * j, onpolicy=policy.distills == "student",
+                                    exclude=frozenset(normalize(q["question"]) for q in held_out))
     if answered is not None:
         items = list(answered)
     if distils:
@@ -145,7 +146,7 @@ def try_candidate(learner: Learner, passage: dict, cand: Candidate, seed: int, r
     to the teacher; the trial's drift from the base is then measured too). ``beat`` is
     called after every optimiser step (a claim's heartbeat; it may raise to abandon
     the trial)."""
-    examples, items = examples_of(learner, passage, cand, seed)
+    examples, items = examples_of(learner, passage, cand, seed, held_out=reward_qs)
     plain = [dataclasses.replace(e, goldfish=0) for e in examples]
     if beside_passage and cand.policy != PASSAGE and self_edits.adds_nothing(plain, passage["title"], passage["text"]):
         return _untrained(cand, len(examples), SAME_AS_PASSAGE, None)

@@ -32,7 +32,6 @@ class DistillConfig:
     keep_passage: bool = field(default=True, metadata={"help": "also train on the passage text itself (with goldfish masking)"})
     goldfish: int = field(default=4, metadata={"help": "drop 1 in k tokens of raw text from the loss (passage, dreams); 0 = off"})
     epochs: int = field(default=0, metadata={"help": "passes over a transfer set; 0 = lora.epochs"})
-    heldout: int = field(default=2, metadata={"help": "self-written questions held out of the transfer set as reward questions"})
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -45,8 +44,8 @@ class DistillConfig:
             raise ValueError("distill.temperature must be > 0")
         if not 0 <= self.agree <= 1:
             raise ValueError("distill.agree must be between 0 and 1")
-        if self.entities < 0 or self.epochs < 0 or self.heldout < 0:
-            raise ValueError("distill.entities, distill.epochs and distill.heldout must be >= 0")
+        if self.entities < 0 or self.epochs < 0:
+            raise ValueError("distill.entities and distill.epochs must be >= 0")
         if self.goldfish < 0 or self.goldfish == 1:
             raise ValueError("distill.goldfish must be 0 (off) or >= 2")
 
@@ -90,13 +89,13 @@ def entities(title: str, text: str, limit: int) -> list[str]:
     return out
 
 
-def prompts(title: str, text: str, edit: str, cfg: DistillConfig) -> list[Prompt]:
+def prompts(title: str, text: str, edit: str, cfg: DistillConfig, exclude: frozenset[str] = frozenset()) -> list[Prompt]:
     """The transfer prompts of one passage and one self-edit (the writer's Q/A list):
-    its questions, then "what do you know about TITLE" and "explain X" prompts. The
-    last ``cfg.heldout`` questions are not here: they are the label-free reward's
-    (``heldout_questions``)."""
+    its questions, then "what do you know about TITLE" and "explain X" prompts. A
+    question in ``exclude`` (normalised: the reward questions) is not taught, so that a
+    reward measured on it stays a held-out measurement."""
     out = [Prompt("question", answer_prompt(q, title=title), answer_prompt(q, title=title, context=text), a)
-           for q, a in transfer_questions(edit, cfg)]
+           for q, a in questions(edit) if normalize(q) not in exclude]
     topic = title or "this topic"
     for request in (f"What do you know about {topic}?", f"Tell me the main facts about {topic}."):
         out.append(Prompt("about", request, open_book(request, title, text)))
@@ -106,7 +105,8 @@ def prompts(title: str, text: str, edit: str, cfg: DistillConfig) -> list[Prompt
     return out
 
 
-def _questions(edit: str) -> list[tuple[str, str]]:
+def questions(edit: str) -> list[tuple[str, str]]:
+    """The writer's question/answer pairs, without repeats."""
     seen: set[str] = set()
     out = []
     for q, a in parse_qa(edit):
@@ -114,15 +114,3 @@ def _questions(edit: str) -> list[tuple[str, str]]:
             seen.add(normalize(q))
             out.append((q, a))
     return out
-
-
-def transfer_questions(edit: str, cfg: DistillConfig) -> list[tuple[str, str]]:
-    qs = _questions(edit)
-    return qs[: max(len(qs) - cfg.heldout, 0)] if len(qs) > cfg.heldout else qs[:1] if cfg.heldout else qs
-
-
-def heldout_questions(edit: str, cfg: DistillConfig) -> list[tuple[str, str]]:
-    """The writer's questions kept out of the transfer set: what the label-free reward
-    asks (the student never trained on them)."""
-    qs = _questions(edit)
-    return qs[len(transfer_questions(edit, cfg)) :]

@@ -127,13 +127,12 @@ def test_goldfish_drops_about_one_in_k_the_same_tokens_every_time(tokenizer):
 # ------------------------------------------------------------------ transfer prompts
 def test_transfer_prompts_hold_questions_topics_and_entities():
     edit = "Q: Who built the lighthouse?\nA: Ada Tennock\nQ: When was it built?\nA: 1843\nQ: What did the lamp burn?\nA: whale oil"
-    cfg = DistillConfig(heldout=1, entities=3)
-    got = transfer.prompts("Quellport", TEXT, edit, cfg)
+    cfg = DistillConfig(entities=3)
+    got = transfer.prompts("Quellport", TEXT, edit, cfg, exclude=frozenset({"what did lamp burn"}))
     kinds = [p.kind for p in got]
     assert kinds.count("question") == 2 and kinds.count("about") == 2 and kinds.count("explain") == 3
     assert all(TEXT in p.teacher and TEXT not in p.student for p in got)
-    assert [q for q, _ in transfer.heldout_questions(edit, cfg)] == ["What did the lamp burn?"]
-    assert not any("lamp burn" in p.student for p in got)  # a held-out question is not taught
+    assert not any("lamp burn" in p.student for p in got)  # a reward question is never taught
     assert transfer.entities("Quellport", TEXT, 10)[:3] == ["1843", "Ada Tennock", "1901"]
 
 
@@ -177,7 +176,7 @@ def test_the_teacher_answers_open_book_and_its_targets_match_the_answers(tokeniz
     seen = scripted(learner)
     items = teacher.answer(learner, passage, edit, DistillConfig(samples=1, entities=2), seed=0)
     assert len(seen) == 2 and all(VARN[1] in p for prompts in seen for p in prompts)  # greedy + sampled, reading
-    assert [a.kind for a in items] == ["question", "about", "about", "explain", "explain"]
+    assert [a.kind for a in items] == ["question"] * 3 + ["about"] * 2 + ["explain"] * 2
     assert {a.how for a in items} == {"greedy"}  # the sample agreed with it word for word: one example
     assert all(VARN[1] not in a.student and VARN[1] in a.teacher for a in items)
     examples = teacher.targets(learner, items, k=5)
