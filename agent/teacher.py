@@ -38,6 +38,7 @@ class Answered:
     teacher: str
     answer: str
     how: str  # greedy | sampled | student (on-policy)
+    ended: bool = True  # the answer ended (EOS) within the token limit: the student learns to stop there
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,31 +64,34 @@ def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConf
                            top_p=0.95, seed=seed + 101 * j) for j in range(cfg.samples)]
     out = []
     for i, p in enumerate(todo):
-        g = greedy[i].text
-        others = [s[i].text for s in sampled]
-        if not g.strip():
+        g = greedy[i]
+        others = {s[i].text: s[i] for s in sampled if s[i].text.strip() and s[i].text != g.text}
+
+        def item(gen, how: str) -> Answered:
+            return Answered(p.kind, p.student, p.teacher, gen.text, how, ended=gen.n_tokens < cfg.answer_tokens)
+
+        if not g.text.strip():
             continue
         if onpolicy:
-            out += [Answered(p.kind, p.student, p.teacher, a, "student") for a in dict.fromkeys([g, *others]) if a.strip()]
+            out += [item(g, "student"), *(item(o, "student") for o in others.values())]
             continue
-        if others and not any(_agree(o, g, cfg.agree) for o in others):
+        if sampled and not any(_agree(s[i].text, g.text, cfg.agree) for s in sampled):
             continue  # the teacher cannot answer it consistently: not taught
-        out.append(Answered(p.kind, p.student, p.teacher, g, "greedy"))
-        out += [Answered(p.kind, p.student, p.teacher, o, "sampled") for o in dict.fromkeys(others)
-                if o.strip() and o != g and _agree(o, g, cfg.agree)]
+        out.append(item(g, "greedy"))
+        out += [item(o, "sampled") for o in others.values() if _agree(o.text, g.text, cfg.agree)]
     return out
 
 
 def targets(learner: Learner, items: list[Answered], k: int) -> list[lora.Example]:
     """Training examples of answered prompts: closed-book chat prompt -> answer (with
-    EOS), each with the teacher's top-k log-probabilities over its tokens (the model
+    EOS when the teacher's answer ended within the limit), each with the teacher's top-k log-probabilities over its tokens (the model
     with the passage in view, the knowledge adapter as it is now)."""
     if not items:
         return []
     rt = learner.runtime
-    examples = [lora.Example(rt.chat(a.student), a.answer, eos=True) for a in items]
+    examples = [lora.Example(rt.chat(a.student), a.answer, eos=a.ended) for a in items]
     ids = [lora.completion_ids(rt.tokenizer, e) for e in examples]
     learner.model.set_adapter(KNOWLEDGE)
     tops = rt.topk_logprobs([rt.chat(a.teacher) for a in items], ids, k)
-    return [lora.Example(e.prompt, e.completion, eos=True, teacher=lora.Teacher(t_ids, t_lp))
+    return [lora.Example(e.prompt, e.completion, eos=e.eos, teacher=lora.Teacher(t_ids, t_lp))
             for e, (t_ids, t_lp) in zip(examples, tops, strict=True)]

@@ -193,6 +193,9 @@ def test_the_teacher_answers_open_book_and_its_targets_match_the_answers(tokeniz
     with torch.no_grad():
         logp = torch.log_softmax(learner.model(input_ids=torch.tensor([ids + c])).logits[0, len(ids) - 1 : -1], -1)
     assert torch.allclose(first.teacher.logp, logp.topk(5, dim=-1).values, atol=1e-4)
+    # an answer cut at the token limit is taught without EOS (the student must not learn to stop mid-sentence)
+    cut = teacher.answer(learner, passage, edit, DistillConfig(samples=0, answer_tokens=4), seed=0)
+    assert cut and not any(a.ended for a in cut) and not any(e.eos for e in teacher.targets(learner, cut, k=5))
     # on-policy: the student (closed book) answers, the teacher only scores
     seen.clear()
     mine = teacher.answer(learner, passage, edit, FAST_DISTILL, seed=0, onpolicy=True)
