@@ -126,7 +126,7 @@ def sft_examples(learner: Learner, pairs: list[dict], max_length: int | None = N
     ``max_length``) pairs whose prompt leaves no room for the self-edit."""
     tok = learner.runtime.tokenizer
     out = []
-    for p in pairs:
+    for p in _parts(pairs):
         try:
             user = self_edits.get(p["policy"]).prompt(p["title"], p["passage_text"])
         except ValueError:
@@ -139,6 +139,17 @@ def sft_examples(learner: Learner, pairs: list[dict], max_length: int | None = N
             log.warning("restem: candidate %s: its prompt fills max_length: skipped", p["candidate_id"])
             continue
         out.append((p, {"prompt": prompt, "completion": p["text"]}))
+    return out
+
+
+def _parts(pairs: list[dict]) -> list[dict]:
+    """An augmented candidate that won teaches the writer each of its self-edits."""
+    out = []
+    for p in pairs:
+        if p["policy"] != self_edits.AUGMENTED:
+            out.append(p)
+            continue
+        out += [{**p, "policy": policy, "text": text} for policy, text in self_edits.parts(p["text"])]
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -201,7 +202,8 @@ def _candidate_row(idx: int, o: TrialOutcome, per_edit_s: float) -> dict:
            "transfer": json.dumps([a.as_dict() for a in o.transfer]) if o.transfer else None}
     if o.result is None:  # not trained: nothing but the note to record
         return row
-    return {**row, "reward_logprob": o.reward_logprob, "reward_acc": o.reward_acc, "reward_f1": o.reward_f1,
+    return {**row, "reward": o.reward if math.isfinite(o.reward) else None,
+            "reward_logprob": o.reward_logprob, "reward_acc": o.reward_acc, "reward_f1": o.reward_f1,
             "train_loss": o.result.final_loss, "gen_seconds": per_edit_s if c.text else 0.0,
             "train_seconds": o.result.seconds, "score_seconds": o.score_seconds}
 

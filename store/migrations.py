@@ -254,6 +254,8 @@ def sleep_tables(db: Database) -> None:
 @migrations(name="0004_transfer_sets")
 def transfer_sets(db: Database) -> None:
     """A distillation candidate's answered transfer set (JSON: kind, student and
-    teacher prompts, answer, how), so that a sleep re-distils it without writing it
-    anew."""
+    teacher prompts, answer, how, ended), so that a sleep re-distils it without writing
+    it anew; and the reward that selected (``policies.reward``: it may be neither of
+    the two recorded gains, e.g. the label-free teacher agreement)."""
     db["candidates"].add_column("transfer", str)
+    db["candidates"].add_column("reward", float)

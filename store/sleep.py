@@ -85,7 +85,8 @@ class SleepStore:
         return rows
 
     def restem_pairs(self, margin: float, limit: int, per_passage: int) -> list[dict]:
-        """(passage -> self-edit) pairs for ReST-EM: candidates whose reward_logprob beats
+        """(passage -> self-edit) pairs for ReST-EM: candidates whose selecting reward
+        (``reward``; ``reward_logprob`` for rows written before it was recorded) beats
         the passage-only trial of the same cycle by more than ``margin`` (the no-update
         baseline, i.e. 0, when the cycle has no scored passage-only trial). Identical
         texts count once; at most ``per_passage`` per passage; best advantage first.
@@ -94,13 +95,13 @@ class SleepStore:
         return self._rows(
             """WITH scored AS (
                    SELECT c.id AS candidate_id, c.cycle_id, c.passage_id, c.policy, c.text,
-                          c.reward_logprob AS reward,
-                          (SELECT po.reward_logprob FROM candidates po
+                          COALESCE(c.reward, c.reward_logprob) AS reward,
+                          (SELECT COALESCE(po.reward, po.reward_logprob) FROM candidates po
                              WHERE po.cycle_id = c.cycle_id AND po.policy = 'passage'
-                               AND po.reward_logprob IS NOT NULL
+                               AND COALESCE(po.reward, po.reward_logprob) IS NOT NULL
                              ORDER BY po.idx LIMIT 1) AS passage_reward
                    FROM candidates c
-                   WHERE c.policy != 'passage' AND c.reward_logprob IS NOT NULL
+                   WHERE c.policy != 'passage' AND COALESCE(c.reward, c.reward_logprob) IS NOT NULL
                      AND TRIM(COALESCE(c.text, '')) != ''),
                kept AS (
                    SELECT s.*, s.reward - COALESCE(s.passage_reward, 0.0) AS advantage,

@@ -334,3 +334,16 @@ def test_spearman_and_the_margins_of_the_default_row():
     r = reward_correlations(records)
     assert r["teacher_agreement"]["spearman"] == pytest.approx(1.0) and r["teacher_agreement"]["trials"] == 3
     assert r["answer_logprob"]["spearman"] == pytest.approx(-0.5)
+
+
+def test_a_winning_augmented_candidate_teaches_the_writer_each_of_its_self_edits(tokenizer, home):
+    from agent.editor import sft_examples
+    from policies import self_edit as self_edits
+
+    learner = make_learner(tokenizer, home)
+    text = self_edits.pack([("rewrite", "Varn lies in the Grey Sea."), ("distill", "Q: Capital?\nA: Kelmora")])
+    pair = {"candidate_id": 1, "title": VARN[0], "passage_text": VARN[1], "policy": "augmented", "text": text}
+    rows = sft_examples(learner, [pair])
+    assert [(p["policy"], r["completion"]) for p, r in rows] == [
+        ("rewrite", "Varn lies in the Grey Sea."), ("distill", "Q: Capital?\nA: Kelmora")]
+    assert rows[0][1]["prompt"] == learner.runtime.chat(self_edits.get("rewrite").prompt(VARN[0], VARN[1]))

@@ -137,6 +137,23 @@ def test_pairs_are_the_self_edits_that_beat_the_passage_only_trial_by_the_margin
     assert store.restem_pairs(0.5, 100, 100) == []
 
 
+def test_pairs_are_ranked_by_the_reward_that_selected_when_it_is_recorded(tmp_path):
+    """With a reward that is neither recorded gain (the label-free teacher agreement),
+    the pairs follow the selecting reward; older rows without it fall back to
+    reward_logprob."""
+    store = Store(tmp_path / "store.db")
+    store.ingest([document("PA", "Passage A says something.", [("q?", "a")])])
+    a = pid_of(store, "PA")
+    job = next(j for j in store.jobs() if j["passage_id"] == a)
+    rows = [{"policy": "passage", "idx": 0, "text": "", "reward_logprob": 0.9, "reward": 0.1, "chosen": 0},
+            {"policy": "distill", "idx": 1, "text": "D1", "reward_logprob": 0.0, "reward": 0.5, "chosen": 1},
+            {"policy": "distill", "idx": 2, "text": "D2", "reward_logprob": 2.0, "reward": 0.12, "chosen": 0}]
+    store.record_cycle({"passage_id": a, "job_id": job["id"], "started_at": time.time(), "outcome": "committed"},
+                       rows, [], job_id=job["id"])
+    (pair,) = store.restem_pairs(margin=0.05, limit=10, per_passage=10)
+    assert pair["text"] == "D1" and pair["advantage"] == pytest.approx(0.4)
+
+
 def test_heldout_prefers_queued_passages_with_questions_then_learned_ones(tmp_path):
     store = Store(tmp_path / "store.db")
     store.ingest([document("L1", "Learned one.", [("q1?", "a")]), document("Q1", "Queued one.", [("q2?", "b")]),
