@@ -48,6 +48,10 @@ def _agree(a: str, b: str, threshold: float) -> bool:
     return is_correct(a, b) or is_correct(b, a) or token_f1(a, b) >= threshold
 
 
+def _item(p: transfer.Prompt, gen, how: str, cfg: transfer.DistillConfig) -> Answered:
+    return Answered(p.kind, p.student, p.teacher, gen.text, how, ended=gen.n_tokens < cfg.answer_tokens)
+
+
 def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConfig, seed: int,
            onpolicy: bool = False, exclude: frozenset[str] = frozenset()) -> list[Answered]:
     """The answered transfer set of one self-edit (see the module's docstring);
@@ -67,18 +71,15 @@ def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConf
         g = greedy[i]
         others = {s[i].text: s[i] for s in sampled if s[i].text.strip() and s[i].text != g.text}
 
-        def item(gen, how: str) -> Answered:
-            return Answered(p.kind, p.student, p.teacher, gen.text, how, ended=gen.n_tokens < cfg.answer_tokens)
-
         if not g.text.strip():
             continue
         if onpolicy:
-            out += [item(g, "student"), *(item(o, "student") for o in others.values())]
+            out += [_item(p, g, "student", cfg), *(_item(p, o, "student", cfg) for o in others.values())]
             continue
         if sampled and not any(_agree(s[i].text, g.text, cfg.agree) for s in sampled):
             continue  # the teacher cannot answer it consistently: not taught
-        out.append(item(g, "greedy"))
-        out += [item(o, "sampled") for o in others.values() if _agree(o.text, g.text, cfg.agree)]
+        out.append(_item(p, g, "greedy", cfg))
+        out += [_item(p, o, "sampled", cfg) for o in others.values() if _agree(o.text, g.text, cfg.agree)]
     return out
 
 
