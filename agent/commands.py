@@ -136,10 +136,28 @@ def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: 
 @click.option("--all", "show_all", is_flag=True, help="list done jobs too")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (counts and jobs)")
 @click.option("--limit", default=50, show_default=True, help="list at most this many jobs (0 = all)")
+@click.option("--retry", "retry_ids", type=int, multiple=True, metavar="JOB_ID",
+              help="put a failed job back in the queue with fresh attempts (repeatable)")
+@click.option("--retry-failed", is_flag=True, help="put every failed job back in the queue")
 @pass_app
-def queue(app: App, show_all: bool, as_json: bool, limit: int) -> None:
-    """What is waiting to be learned: jobs by state, and the counts of each state."""
+def queue(app: App, show_all: bool, as_json: bool, limit: int, retry_ids: tuple[int, ...], retry_failed: bool) -> None:
+    """What is waiting to be learned: jobs by state, and the counts of each state;
+    --retry / --retry-failed give failed passages another chance."""
     from store.db import JOB_STATES
+
+    if retry_ids or retry_failed:
+        if retry_ids and retry_failed:
+            fail("give --retry JOB_ID or --retry-failed, not both")
+        if not app.home.store_file.exists():
+            fail("nothing ingested yet: no job to retry")
+        if retry_ids:
+            failed = {j["id"] for j in app.store.jobs(("failed",), limit=-1)}
+            wrong = [i for i in retry_ids if i not in failed]
+            if wrong:
+                fail(f"job {wrong[0]} is not a failed job (see `seal queue`)")
+        n = app.store.retry_jobs(retry_ids or None)
+        click.echo(f"retried {n} job(s): back in the queue with fresh attempts")
+        return
 
     states = JOB_STATES if show_all else ("pending", "claimed", "failed")
     if app.home.store_file.exists():

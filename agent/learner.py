@@ -227,7 +227,7 @@ class Learner:
             who = job["claimed_by"] or ""
             h, _, pid = who.partition(":")
             if h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                self.store.requeue_claimed_by(who)
+                self.store.requeue_claimed_by(who, reason=f"its worker {who} died while learning it")
         self.store.requeue_stale(self.cfg.stale_after_s)
         self.registry.recover()
 

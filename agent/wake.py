@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ class WakeConfig:
 class CycleReport:
     passage_id: int
     title: str
-    outcome: str  # committed | rejected | failed
+    outcome: str  # committed | rejected | failed | deferred
     reason: str
     adapter_id: str | None
     baseline: Scores | None
@@ -268,18 +269,26 @@ def _rotating_sample(learned: list[int], current: int, k: int, turn: int) -> lis
     return [earlier[(start + i) % len(earlier)] for i in range(k)]
 
 
+# Faults of the machine rather than of the passage: they do not count as an attempt.
+TEMPORARY = (OSError, MemoryError, sqlite3.OperationalError)
+
+
 def learn(learner: Learner, max_passages: int | None = None, on_event: OnEvent = ignore,
           should_stop: Callable[[], bool] = lambda: False,
           on_report: Callable[[CycleReport], None] | None = None) -> list[CycleReport]:
     """Drain the queue (burst mode): claim, learn, repeat. A failure is recorded on
-    the job (retried up to max_attempts) and the loop goes on. When ``should_stop``
+    the job (retried up to max_attempts) and the loop goes on; a temporary fault
+    (``TEMPORARY``: disk full, out of memory, a locked database) gives the job back
+    without counting the attempt and stops the loop (outcome ``deferred``: the caller
+    backs off). A job whose worker died on it ``max_attempts`` times is marked failed
+    when the queue is next claimed from, so a poison passage never blocks it. When ``should_stop``
     turns true mid-cycle, the cycle is abandoned at its next heartbeat: the live
     adapter is reloaded from the store and the claim given back without counting an
     attempt, and the loop stops."""
     learner.recover()
     reports: list[CycleReport] = []
     while (max_passages is None or len(reports) < max_passages) and not should_stop():
-        job = learner.store.claim_next(learner.worker)
+        job = learner.store.claim_next(learner.worker, max_attempts=learner.cfg.max_attempts)
         if job is None:
             break
         try:
@@ -295,6 +304,16 @@ def learn(learner: Learner, max_passages: int | None = None, on_event: OnEvent =
             learner.reload_active()
             learner.store.requeue_claimed_by(learner.worker)
             raise
+        except TEMPORARY as e:  # the machine, not the passage: give it back uncounted and back off
+            log.warning("temporary fault on passage %s (%s: %s): deferred", job.passage_id, type(e).__name__, e)
+            learner.reload_active()
+            learner.store.defer_job(job.id, f"{type(e).__name__}: {e}")
+            p = learner.store.passage(job.passage_id) or {"title": "?"}
+            reports.append(CycleReport(job.passage_id, p["title"], "deferred", f"{type(e).__name__}: {e} (temporary)",
+                                       None, None, None, [], {}))
+            if on_report:
+                on_report(reports[-1])
+            break
         except Exception as e:  # a bug or a bad passage: record it and go on
             log.exception("wake cycle failed on passage %s", job.passage_id)
             learner.reload_active()

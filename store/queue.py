@@ -186,10 +186,23 @@ class QueueStore:
                 self.db.execute("UPDATE questions SET role = ? WHERE id = ?", [role, qid])
 
     # --------------------------------------------------------------------------- jobs
-    def claim_next(self, worker: str, now: float | None = None) -> Job | None:
-        """Claim the oldest pending job atomically (one UPDATE ... RETURNING)."""
+    def claim_next(self, worker: str, now: float | None = None, max_attempts: int | None = None) -> Job | None:
+        """Claim the oldest pending job atomically (one UPDATE ... RETURNING). With
+        ``max_attempts``, a pending job that has used up its attempts (its worker died
+        on it each time: a poison passage) is marked failed first, with the reason, so
+        that it cannot block the queue."""
         at = _now(now)
         with self.db.atomic():
+            if max_attempts is not None:
+                cur = self.db.execute(
+                    """UPDATE jobs SET state = 'failed', claimed_by = NULL, updated_at = ?,
+                           error = 'gave up after ' || attempts || ' attempts: '
+                                   || COALESCE(error, 'the worker died while learning it')
+                       WHERE state = 'pending' AND attempts >= ?""",
+                    [at, max_attempts],
+                )
+                if cur.rowcount:
+                    self._event("poison", {"jobs": cur.rowcount}, at)
             row = self._one(
                 """UPDATE jobs SET state = 'claimed', claimed_by = ?, heartbeat_at = ?,
                        attempts = attempts + 1, updated_at = ?
@@ -198,6 +211,36 @@ class QueueStore:
                 [worker, at, at],
             )
         return Job(**row) if row else None
+
+    def defer_job(self, job_id: int, error: str, now: float | None = None) -> None:
+        """A temporary fault (disk full, out of memory, a locked database) interrupted
+        the job: it goes back to pending WITHOUT counting the attempt (the passage is
+        not to blame); the error is kept for ``seal queue``."""
+        at = _now(now)
+        with self.db.atomic():
+            self.db.execute(
+                """UPDATE jobs SET state = 'pending', claimed_by = NULL, attempts = MAX(attempts - 1, 0),
+                       error = ?, updated_at = ? WHERE id = ? AND state = 'claimed'""",
+                [f"deferred (temporary): {error}", at, job_id],
+            )
+            self._event("defer", {"job": job_id, "error": error}, at)
+
+    def retry_jobs(self, job_ids: Iterable[int] | None = None, now: float | None = None) -> int:
+        """Failed jobs (all, or those of ``job_ids``) back to pending with fresh
+        attempts. Returns how many."""
+        at = _now(now)
+        sql = "UPDATE jobs SET state = 'pending', attempts = 0, error = NULL, claimed_by = NULL, updated_at = ? " \
+              "WHERE state = 'failed'"
+        args: list[Any] = [at]
+        if job_ids is not None:
+            ids = list(job_ids)
+            sql += f" AND id IN ({','.join('?' * len(ids)) or 'NULL'})"
+            args += ids
+        with self.db.atomic():
+            n = self.db.execute(sql, args).rowcount
+            if n:
+                self._event("retry", {"jobs": n}, at)
+        return n
 
     def heartbeat(self, job_id: int, now: float | None = None) -> None:
         at = _now(now)
@@ -233,7 +276,8 @@ class QueueStore:
         at = _now(now)
         with self.db.atomic():
             cur = self.db.execute(
-                """UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ?
+                """UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ?,
+                       error = 'its worker stopped answering (heartbeat stale) while learning it'
                    WHERE state = 'claimed' AND (heartbeat_at IS NULL OR heartbeat_at < ?)""",
                 [at, at - older_than_s],
             )
@@ -242,14 +286,15 @@ class QueueStore:
                 self._event("requeue", {"jobs": n}, at)
         return n
 
-    def requeue_claimed_by(self, worker: str, now: float | None = None) -> int:
-        """Give back the jobs one worker holds (a warm stop)."""
+    def requeue_claimed_by(self, worker: str, now: float | None = None, reason: str | None = None) -> int:
+        """Give back the jobs one worker holds (a Ctrl-C, or recovery after the worker
+        died: then ``reason`` is kept as the job's error, for a poison passage's record)."""
         at = _now(now)
         with self.db.atomic():
             cur = self.db.execute(
-                "UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ? "
+                "UPDATE jobs SET state = 'pending', claimed_by = NULL, updated_at = ?, error = COALESCE(?, error) "
                 "WHERE state = 'claimed' AND claimed_by = ?",
-                [at, worker],
+                [at, reason, worker],
             )
         return cur.rowcount
 

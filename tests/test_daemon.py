@@ -199,6 +199,33 @@ def test_a_failed_sleep_is_retried_after_sleep_retry_s(tokenizer, home):
     assert d.step().sleep.outcome == "failed" and len(fake.calls) == 2
 
 
+def test_a_temporary_fault_defers_the_passage_and_the_daemon_backs_off(tokenizer, home, monkeypatch):
+    """A full disk while learning is the machine's fault, not the passage's: the job
+    goes back uncounted, and the daemon waits fault_backoff_s before trying again."""
+    import agent.wake as wake
+
+    clock = Clock()
+    d = daemon(tokenizer, home, config(daemon=DaemonConfig(fault_backoff_s=60)), sleep_fn=FakeSleep(), clock=clock)
+    drop(home, "varn.json", json.dumps(record(*VARN)))
+    real = wake.wake_cycle
+    faults = []
+
+    def full_disk(*a, **kw):
+        faults.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wake, "wake_cycle", full_disk)
+    s = d.step()
+    assert s.cycle.outcome == "deferred" and "No space left on device" in s.cycle.reason
+    (job,) = d.learner.store.jobs()
+    assert (job["state"], job["attempts"]) == ("pending", 0) and job["error"].startswith("deferred (temporary)")
+    clock.t += 59
+    assert d.step().cycle is None and len(faults) == 1  # backing off
+    monkeypatch.setattr(wake, "wake_cycle", real)
+    clock.t += 1
+    assert d.step().cycle.outcome == "committed"
+
+
 def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenizer, home):
     d = daemon(tokenizer, home, sleep_fn=FakeSleep())
     store = d.learner.store

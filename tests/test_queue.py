@@ -77,3 +77,53 @@ def test_queue_on_empty_home_creates_nothing(seal, home):
     assert r.exit_code == 0
     assert r.stdout.strip() == "queue: 0 pending, 0 claimed, 0 done, 0 failed"
     assert not (home / "store.db").exists()
+
+
+# ---------------------------------------------------------------- poison passages, retries
+def test_retry_puts_failed_jobs_back_with_fresh_attempts(seal, queued):
+    with Store(queued / "store.db") as s:
+        (failed,) = s.jobs(("failed",))
+    r = seal("queue", "--retry", str(failed["id"] + 100))
+    assert r.exit_code != 0 and r.output.strip().splitlines()[-1].endswith(f"job {failed['id'] + 100} is not a failed job (see `seal queue`)")
+    assert json.loads(seal("queue", "--json").stdout)["counts"]["failed"] == 1  # nothing changed
+    r = seal("queue", "--retry", str(failed["id"]))
+    assert r.exit_code == 0 and "retried 1 job(s)" in r.stdout
+    with Store(queued / "store.db") as s:
+        (job,) = [j for j in s.jobs(limit=10) if j["id"] == failed["id"]]
+        assert (job["state"], job["attempts"], job["error"]) == ("pending", 0, None)
+        assert s.queue_summary()["failed"] == 0
+    assert seal("queue", "--retry-failed").stdout.startswith("retried 0 job(s)")
+
+
+def test_a_poison_passage_that_kills_its_worker_is_failed_not_retried_forever(tmp_path):
+    """kill -9 on every try: each recovery gives the job back with the reason; once it
+    has used up its attempts the next claim marks it failed and takes the next one."""
+    with Store(tmp_path / "store.db") as s:
+        from tests.helpers import PASSAGES, document
+
+        s.ingest([document(*PASSAGES[0]), document(*PASSAGES[1])])
+        poison, other = (j["id"] for j in s.jobs())
+        for attempt in range(1, 4):
+            job = s.claim_next(f"host:{attempt}", now=float(attempt), max_attempts=3)
+            assert job.id == poison and job.attempts == attempt
+            s.requeue_claimed_by(f"host:{attempt}", reason=f"its worker host:{attempt} died while learning it")
+        job = s.claim_next("host:9", now=9.0, max_attempts=3)
+        assert job.id == other
+        (failed,) = s.jobs(("failed",))
+        assert failed["id"] == poison
+        assert failed["error"] == "gave up after 3 attempts: its worker host:3 died while learning it"
+        assert s.events(kind="poison")
+
+
+def test_a_temporary_fault_gives_the_job_back_without_counting_it(tmp_path):
+    with Store(tmp_path / "store.db") as s:
+        from tests.helpers import PASSAGES, document
+
+        s.ingest([document(*PASSAGES[0])])
+        for _ in range(5):
+            job = s.claim_next("w", max_attempts=3)
+            assert job.attempts == 1
+            s.defer_job(job.id, "OSError: [Errno 28] No space left on device")
+        (job,) = s.jobs()
+        assert (job["state"], job["attempts"]) == ("pending", 0)
+        assert job["error"] == "deferred (temporary): OSError: [Errno 28] No space left on device"

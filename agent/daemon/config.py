@@ -17,6 +17,9 @@ class DaemonConfig:
     sleep_retry_s: float = field(
         default=600.0, metadata={"help": "after a sleep that failed or stopped early, wait this long before trying again (s)"}
     )
+    fault_backoff_s: float = field(
+        default=60.0, metadata={"help": "after a temporary fault (disk full, out of memory, a locked store), wait this long before learning again (s)"}
+    )
     status_every_s: float = field(
         default=10.0,
         metadata={"help": "liveness: how often the daemon writes its status (alive-at time, activity, next sleep) "
@@ -33,7 +36,7 @@ class DaemonConfig:
     renamed: ClassVar[dict[str, str]] = {"heartbeat_s": "status_every_s"}
 
     def __post_init__(self) -> None:
-        for name in ("wake_poll_s", "inbox_poll_s", "sleep_poll_s", "sleep_retry_s", "status_every_s",
+        for name in ("wake_poll_s", "inbox_poll_s", "sleep_poll_s", "sleep_retry_s", "fault_backoff_s", "status_every_s",
                      "stop_timeout_s", "misfire_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

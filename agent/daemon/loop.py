@@ -122,6 +122,7 @@ class Daemon:
         self._closed = False
         self._started = False
         self._sleep_blocked_until = float("-inf")
+        self._wake_blocked_until = float("-inf")  # after a temporary fault: back off
         self.activity = "starting"
         self.fatal: BaseException | None = None
 
@@ -163,14 +164,16 @@ class Daemon:
         """One round: poll the inbox, one wake cycle if work is queued, a sleep if due."""
         self.start()
         inbox = self.poll_inbox()
-        cycle = self.wake_once()
+        cycle = self.wake_once(now)
         slept = self.sleep_if_due(now)
         self.beat(now)
         return StepReport(inbox, cycle, slept)
 
-    def wake_once(self) -> CycleReport | None:
-        """Learn the next pending passage, if any (one wake cycle)."""
-        if self.stopping or not self.learner.store.queue_summary()["pending"]:
+    def wake_once(self, now: float | None = None) -> CycleReport | None:
+        """Learn the next pending passage, if any (one wake cycle). After a temporary
+        fault (a ``deferred`` cycle), nothing is learned for ``fault_backoff_s``."""
+        now = self._now(now)
+        if self.stopping or now < self._wake_blocked_until or not self.learner.store.queue_summary()["pending"]:
             return None
 
         def progress(msg: str) -> None:
@@ -184,6 +187,9 @@ class Daemon:
             self.activity = "idle"
         for r in reports:
             log.info("%s passage %s %r %s: %s", r.outcome, r.passage_id, r.title, r.adapter_id or "", r.reason)
+            if r.outcome == "deferred":
+                self._wake_blocked_until = now + self.cfg.fault_backoff_s
+                log.warning("temporary fault: learning again in %.0f s", self.cfg.fault_backoff_s)
         return reports[0] if reports else None
 
     def next_sleep(self, now: float | None = None, store: Store | None = None) -> schedules.Due:
