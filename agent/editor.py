@@ -34,6 +34,7 @@ import torch
 from adapters import lora
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from policies import self_edit as self_edits
+from policies.reward import relative_to
 
 from .events import ADVANCE, END, START, Event, OnEvent, ignore
 from .learner import Learner
@@ -295,16 +296,16 @@ def heldout_passages(learner: Learner, exclude: set[int], n: int) -> list[tuple[
 
 
 def _edit_reward(learner: Learner, passage: dict, qs: list[dict], baseline, policy: str, edit: str,
-                 seed: int, cache: dict) -> tuple[float | None, float | None]:
-    """(reward_logprob, reward_acc) of one trial update on a self-edit; identical
-    training examples (e.g. two edits that add nothing beyond the passage) share one
-    trial."""
+                 seed: int, cache: dict, teacher_scores=None) -> tuple[float | None, float | None]:
+    """(the selecting reward, reward_acc) of one trial update on a self-edit (None when
+    it did not train); identical training examples (e.g. two edits that add nothing
+    beyond the passage) share one trial."""
     cand = Candidate(policy, edit)
     # a distillation candidate is keyed by its text (its examples need the teacher)
     key = (policy, edit) if self_edits.get(policy).distills else tuple(examples_of(learner, passage, cand)[0])
     if key not in cache:
-        o = try_candidate(learner, passage, cand, seed, qs, baseline)
-        cache[key] = (o.reward_logprob, o.reward_acc)
+        o = try_candidate(learner, passage, cand, seed, qs, baseline, teacher_scores=teacher_scores)
+        cache[key] = (o.reward if o.ok else None, o.reward_acc)
     return cache[key]
 
 
@@ -435,12 +436,14 @@ def _heldout_rewards(learner: Learner, held: list[tuple[dict, list[dict]]], poli
     for passage, qs in held:
         on_event(Event("measure", START, f"editor: measuring on '{passage['title']}'"))
         baseline = learner.score(KNOWLEDGE, passage["title"], qs)
+        teacher = learner.score(KNOWLEDGE, passage["title"], qs, context=passage["text"]) \
+            if relative_to(learner.policies.reward) == "teacher" else None
         (old,), (new,) = edits[passage["id"]]
         cache: dict = {}
         trial_seed = cfg.seed + passage["id"]
-        r_before, acc_before = _edit_reward(learner, passage, qs, baseline, policy, old[1], trial_seed, cache)
+        r_before, acc_before = _edit_reward(learner, passage, qs, baseline, policy, old[1], trial_seed, cache, teacher)
         check()
-        r_after, acc_after = _edit_reward(learner, passage, qs, baseline, policy, new[1], trial_seed, cache)
+        r_after, acc_after = _edit_reward(learner, passage, qs, baseline, policy, new[1], trial_seed, cache, teacher)
         check()
         on_event(Event("measure", END))
         per_passage.append({"passage_id": passage["id"], "before": r_before, "after": r_after,
