@@ -236,8 +236,8 @@ def test_a_warm_stop_mid_cycle_gives_the_claim_back_without_counting_it(tokenize
     trial = learner.trial
     seen = []
 
-    def trial_then_stop(examples, seed, progress=None):
-        result = trial(examples, seed, progress)
+    def trial_then_stop(examples, seed, progress=None, epochs=None):
+        result = trial(examples, seed, progress, epochs)
         # the trial wrote weights; then SIGTERM arrives (the daemon's handler does this)
         lora.copy_adapter(learner.model, "trial", KNOWLEDGE)  # dirty the live adapter too
         seen.append(store.jobs(limit=5)[0])

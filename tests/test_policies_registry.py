@@ -29,9 +29,10 @@ def test_every_registry_is_a_registry_of_its_kind(kind):
 
 
 def test_registries_hold_the_known_names_in_order():
-    assert list(self_edit.SELF_EDIT_POLICIES) == ["passage", "implications", "rewrite", "self_qa", "qa_chat"]
+    assert list(self_edit.SELF_EDIT_POLICIES) == ["passage", "implications", "rewrite", "self_qa", "qa_chat",
+                                                "distill", "distill_onpolicy", "augmented"]
     assert list(questions.QUESTION_POLICIES) == ["given", "self"]
-    assert list(reward.REWARDS) == ["answer_logprob", "qa_accuracy"]
+    assert list(reward.REWARDS) == ["answer_logprob", "qa_accuracy", "teacher_agreement"]
     assert list(selection.SELECTIONS) == ["best_of_n", "floor", "prefer_edit"]
     assert list(consolidation.CONSOLIDATIONS) == ["replay", "dream", "merge"]
     assert list(schedule.SCHEDULES) == ["never", "interval", "commits", "idle", "cron"]
@@ -81,7 +82,7 @@ def test_an_unknown_name_is_one_line_naming_the_known_ones():
 def test_configs_name_the_field_and_the_known_policies():
     with pytest.raises(ValueError, match=r"^selection: unknown selection policy 'x' \(known: best_of_n, floor, prefer_edit\)$"):
         PolicyConfig(selection="x")
-    with pytest.raises(ValueError, match=r"^reward: unknown reward 'x' \(known: answer_logprob, qa_accuracy\)$"):
+    with pytest.raises(ValueError, match=r"^reward: unknown reward 'x' \(known: answer_logprob, qa_accuracy, teacher_agreement\)$"):
         PolicyConfig(reward="x")
     with pytest.raises(ValueError, match=r"^unknown schedule policy 'nightly' \(known: never, interval, commits, idle, cron\)$"):
         ScheduleConfig(policy="nightly")

@@ -333,7 +333,7 @@ def test_ctrl_c_gives_the_claim_back(tokenizer, home, monkeypatch):
     learner = make_learner(tokenizer, home)
     learner.store.ingest([document(*VARN)])
 
-    def interrupted(examples, seed, progress=None):
+    def interrupted(examples, seed, progress=None, epochs=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(learner, "trial", interrupted)
@@ -468,7 +468,12 @@ def test_rewards_are_gains_over_the_baseline():
     trial = reward.Scores(accuracy=0.75, f1=0.7, logprob=-1.5, n=4)
     assert reward.answer_logprob(trial, base) == pytest.approx(1.5)
     assert reward.qa_accuracy(trial, base) == pytest.approx(0.5 + 1e-3 * 0.2)
-    assert set(reward.REWARDS) == {"answer_logprob", "qa_accuracy"}
+    assert set(reward.REWARDS) == {"answer_logprob", "qa_accuracy", "teacher_agreement"}
+    # label-free: relative to the teacher (reading), minus the drift from the base
+    teacher = reward.Scores(accuracy=1.0, f1=1.0, logprob=-1.0, n=4)
+    drifted = reward.Scores(accuracy=0.75, f1=0.7, logprob=-1.5, n=4, kl=0.25)
+    assert reward.teacher_agreement(drifted, teacher) == pytest.approx(-0.5 + 0.75 - 0.25)
+    assert reward.relative_to("teacher_agreement") == "teacher" and reward.relative_to("answer_logprob") == "baseline"
 
 
 # ---------------------------------------------------------------------- self-edits
