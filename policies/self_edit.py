@@ -197,12 +197,9 @@ class Augmented:
         return None  # it writes nothing itself: its parts were written by their policies
 
     def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
-        out: list[Example] = []
-        for policy, part in parts(edit):
-            for e in get(policy).examples(title, text, part, chat):
-                if e not in out:
-                    out.append(e)
-        return out
+        # only the passage: the agent expands the parts (agent.trial.examples_of), which
+        # may need the teacher
+        return [Example(prompt="", completion=passage_text(title, text))]
 
 
 def pack(edits: list[tuple[str, str]]) -> str:
