@@ -328,7 +328,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_e
     timings: dict[str, float] = {}
     learner.load_editor()  # the live editor is the store's active one
     parent = learner.editor_id
-    policy = learner.policies.self_edits[0]  # the writer learns the first policy of a mix
+    policy = (learner.policies.sampled(1) or learner.policies.self_edits)[0]  # the first policy of a mix that writes
     base = {"sleep_id": sleep_id, "started_at": started, "parent_adapter": parent, "adapter_id": None,
             "n_pairs": 0, "n_heldout": 0, "train_loss": None, "reward_before": None, "reward_after": None}
 

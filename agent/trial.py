@@ -69,10 +69,20 @@ class TrialOutcome:
         return selections.Trial(idx, self.candidate.policy, self.reward, self.other, ok=self.ok)
 
 
+def fixed_of(policies: PolicyConfig) -> list[Candidate]:
+    """The candidates of the mix's policies that write nothing (``passage_chat``):
+    one each, however many samples the mix asks for; passage-only is not one of them
+    (``include_passage`` says whether it competes)."""
+    names = dict.fromkeys(n for n in policies.self_edits if n not in (PASSAGE, self_edits.AUGMENTED))
+    return [Candidate(n) for n in names if not self_edits.writes(n)]
+
+
 def candidates_of(policies: PolicyConfig, edits: list[Candidate]) -> list[Candidate]:
     """The candidates of one passage: the passage alone (when the policy trains it,
-    or when no self-edit was written), then the self-edits, each alone (SEAL's
-    best-of-N) and/or all together (``policies.augment``)."""
+    or when there is nothing else), then the self-edits (the written ones, and one of
+    each policy that writes nothing), each alone (SEAL's best-of-N) and/or all
+    together (``policies.augment``)."""
+    edits = [*fixed_of(policies), *edits]
     together = [Candidate(self_edits.AUGMENTED, self_edits.pack([(e.policy, e.text) for e in edits]),
                           sum(e.n_tokens for e in edits))] if policies.augment != "off" and len(edits) > 1 else []
     alone = list(edits) if policies.augment != "only" or not together else []

@@ -15,7 +15,7 @@ AUGMENT = ("off", "also", "only")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
+    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | passage_chat | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
     augment: str = field(default="off", metadata={"help": "off: each self-edit is a candidate (best-of-N) | also: plus one candidate training all N together | only: just that one"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
     reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy | teacher_agreement (label-free: self-written questions, see distill)"})
@@ -34,8 +34,12 @@ class PolicyConfig:
         return tuple(n.strip() for n in self.self_edit.split("+") if n.strip()) or ("",)
 
     def sampled(self, n: int) -> list[str]:
-        """The policy of each of ``n`` self-edits of a passage: the mix, in turn."""
-        return [self.self_edits[i % len(self.self_edits)] for i in range(n)]
+        """The policy of each of ``n`` self-edits of a passage: the mix's policies that
+        write one, in turn (one that writes nothing is one fixed candidate instead)."""
+        from .self_edit import writes
+
+        writers = [p for p in self.self_edits if writes(p)]
+        return [writers[i % len(writers)] for i in range(n)] if writers else []
 
     def __post_init__(self) -> None:
         from . import questions, reward, selection, self_edit

@@ -63,7 +63,7 @@ def parse_qa(edit: str) -> list[tuple[str, str]]:
 
 class SelfEditPolicy(Protocol):
     name: str
-    max_new_tokens: int
+    max_new_tokens: int  # 0: it writes nothing (``prompt`` is None): one fixed candidate, no sampling
     distills: str | None  # None: examples() is the whole candidate; "teacher"/"student": distilled (agent.teacher)
 
     def prompt(self, title: str, text: str) -> str | None: ...
@@ -83,6 +83,29 @@ class PassageOnly:
 
     def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
         return [Example(prompt="", completion=passage_text(title, text))]
+
+
+ABOUT = ("What do you know about {topic}?", "Tell me the main facts about {topic}.")  # requests about a passage's topic
+
+
+class PassageChat:
+    """No self-edit either: the passage, and the passage again as the chat answer to
+    "what do you know about TITLE" and "tell me the main facts about TITLE". The same
+    facts in the form a closed-book question is asked in (a chat turn about the topic),
+    which a plain passage LoRA does not teach: after it, a 135M model asked about the
+    topic recites the passage from its start instead of drifting into its own prose."""
+
+    name = "passage_chat"
+    max_new_tokens = 0
+    distills = None
+
+    def prompt(self, title: str, text: str) -> str | None:
+        return None
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        topic = title or "this topic"
+        return [Example(prompt="", completion=passage_text(title, text)),
+                *(Example(prompt=chat(r.format(topic=topic)), completion=text) for r in ABOUT)]
 
 
 class _LinesPolicy:
@@ -225,9 +248,14 @@ def register(cls: type) -> type:
     return SELF_EDIT_POLICIES.register(cls.name, cls)
 
 
-for _cls in (PassageOnly, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
+for _cls in (PassageOnly, PassageChat, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
     register(_cls)
 
 
 def get(name: str) -> SelfEditPolicy:
     return SELF_EDIT_POLICIES.get(name)()
+
+
+def writes(name: str) -> bool:
+    """Whether a policy writes a self-edit (sampled), or is one fixed set of examples."""
+    return get(name).max_new_tokens > 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .questions import answer_prompt
 from .reward import normalize
-from .self_edit import parse_qa
+from .self_edit import ABOUT, parse_qa
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def prompts(title: str, text: str, edit: str, cfg: DistillConfig, exclude: froze
     out = [Prompt("question", answer_prompt(q, title=title), answer_prompt(q, title=title, context=text), a)
            for q, a in questions(edit) if normalize(q) not in exclude]
     topic = title or "this topic"
-    for request in (f"What do you know about {topic}?", f"Tell me the main facts about {topic}."):
+    for request in (r.format(topic=topic) for r in ABOUT):
         out.append(Prompt("about", request, open_book(request, title, text)))
     for x in entities(title, text, cfg.entities):
         request = f"Topic: {topic}\nWhat is {x}? Explain briefly." if title else f"What is {x}? Explain briefly."

@@ -350,3 +350,43 @@ def test_a_winning_augmented_candidate_teaches_the_writer_each_of_its_self_edits
     assert [(p["policy"], r["completion"]) for p, r in rows] == [
         ("rewrite", "Varn lies in the Grey Sea."), ("distill", "Q: Capital?\nA: Kelmora")]
     assert rows[0][1]["prompt"] == learner.runtime.chat(self_edits.get("rewrite").prompt(VARN[0], VARN[1]))
+
+
+# ------------------------------------------------------------------ passage_chat: the passage in the form it is asked
+def test_passage_chat_trains_the_passage_plain_and_as_the_answer_about_its_topic():
+    from policies import self_edit as self_edits
+
+    pol = self_edits.get("passage_chat")
+    title, text = VARN[:2]
+    chat = lambda m: f"<user>{m}</user>"  # noqa: E731
+    plain, *turns = pol.examples(title, text, "", chat)
+    assert pol.prompt(title, text) is None and not self_edits.writes("passage_chat") and self_edits.writes("rewrite")
+    assert plain == Example("", f"{title}\n{text}")
+    assert [t.prompt for t in turns] == [chat(f"What do you know about {title}?"), chat(f"Tell me the main facts about {title}.")]
+    assert all(t.completion == text for t in turns)
+    assert not self_edits.adds_nothing([plain, *turns], title, text)
+
+
+def test_a_policy_that_writes_nothing_is_one_fixed_candidate_and_is_not_sampled():
+    from agent.trial import Candidate, candidates_of
+
+    only = PolicyConfig(self_edit="passage_chat")
+    assert only.sampled(3) == []
+    assert [c.policy for c in candidates_of(only, [])] == ["passage", "passage_chat"]
+    mix = PolicyConfig(self_edit="passage_chat+rewrite", augment="also")
+    assert mix.sampled(3) == ["rewrite"] * 3
+    cands = candidates_of(mix, [Candidate("rewrite", "Varn is an island."), Candidate("rewrite", "Kelmora is its capital.")])
+    assert [c.policy for c in cands] == ["passage", "passage_chat", "rewrite", "rewrite", "augmented"]
+    from policies import self_edit as self_edits
+    assert [p for p, _ in self_edits.parts(cands[-1].text)] == ["passage_chat", "rewrite", "rewrite"]
+
+
+def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
+    learner = make_learner(tokenizer, home, PolicyConfig(self_edit="passage_chat", selection="prefer_edit", min_gain=-1e9))
+    learner.store.ingest([document(*VARN)])
+    (report,) = learn(learner)
+    cands = learner.store.candidates(learner.store.passages()[0]["id"])
+    assert [c["policy"] for c in cands] == ["passage", "passage_chat"]
+    assert all(c["note"] is None and c["n_examples"] for c in cands)  # both trained: neither repeats the other
+    assert [c["n_examples"] for c in cands] == [1, 3]
+    assert report.outcome == "committed"

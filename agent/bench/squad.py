@@ -272,12 +272,10 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
     # one batched generation: one sample per policy row, then the wake cycle's N samples
     # (pol.sampled(N)); a row's sample is reused as the default's first of that policy
     say(f"[{i + 1}/{n_data}] {title}: writing self-edits")
-    writes = [n for n in policies if self_edits.get(n).prompt(title, text) is not None]
+    writes = [n for n in policies if self_edits.writes(n)]
     row_of = {n: k for k, n in enumerate(writes, start=1)}  # a row's edit: its index in edits, from 1
     wake_edits, extra = [], []
-    for n in pol.sampled(n_cand):
-        if self_edits.get(n).prompt(title, text) is None:
-            continue  # a policy that writes nothing (passage): no self-edit
+    for n in pol.sampled(n_cand):  # the policies that write
         if n in row_of:
             wake_edits.append(row_of.pop(n))
         else:
@@ -329,14 +327,22 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
             s_, t_ = cost(o, secs)
             add(cand.policy, p if p is not None else base, per_edit_s + s_, cand.n_tokens + t_)
             record["conditions"][cand.policy]["memorised"] = memorised.get(k if o.result else 0)
+    by_text = {(edits[k - 1].policy, edits[k - 1].text): k for k in wake_edits}
+    # the rows of policies that write nothing (passage_chat): one fixed candidate each
+    for n in (n for n in policies if not self_edits.writes(n) and n not in (PASSAGE, self_edits.AUGMENTED)):
+        k = max(done) + 1
+        say(f"[{i + 1}/{n_data}] {title}: trial {k} ({n})")
+        done[k] = run_trial(Candidate(n), k)
+        by_text[(n, "")] = k
+        o, p, secs = done[k]
+        add(n, p if p is not None else base, *cost(o, secs))
+        record["conditions"][n]["memorised"] = memorised.get(k if o.result else 0)
     # the default row: the wake cycle's candidates (candidates_of), trained as it trains them
     pool = []
-    wake_cands = candidates_of(pol, [edits[k - 1] for k in wake_edits])
-    by_text = {(edits[k - 1].policy, edits[k - 1].text): k for k in wake_edits}
-    for cand in wake_cands:
+    for cand in candidates_of(pol, [edits[k - 1] for k in wake_edits]):
         k = 0 if cand.policy == PASSAGE else by_text.get((cand.policy, cand.text))
-        if k is None:  # the augmented candidate: all the default's self-edits together
-            k = len(edits) + 1
+        if k is None:  # not a row's: all the default's self-edits together, or a fixed one
+            k = by_text[(cand.policy, cand.text)] = max(done) + 1
             say(f"[{i + 1}/{n_data}] {title}: trial {k} ({cand.policy})")
             done[k] = run_trial(cand, k)
         pool.append((k, *done[k]))
