@@ -84,8 +84,16 @@ class AdapterRegistry:
         try:
             self.store.add_adapter(row, activate=True, also=also)
         except BaseException:
-            # Nothing points at the folder: remove it now rather than at the next start.
-            shutil.rmtree(dest, ignore_errors=True)
+            # Nothing points at the folder unless the transaction did commit (a Ctrl-C
+            # just after COMMIT): remove it now only when the store has no row for it.
+            # When the store cannot say, leave it to recovery, which never removes a
+            # folder with a row.
+            try:
+                committed = self.store.adapter(adapter_id) is not None
+            except Exception:
+                committed = True
+            if not committed:
+                shutil.rmtree(dest, ignore_errors=True)
             raise
         log.info("committed %s (parent %s, sha256 %s)", adapter_id, parent_id, sha[:12])
         return adapter_id

@@ -199,15 +199,22 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int, retry_ids: tuple[
 
 
 # ----------------------------------------------------------------------------- learn
-def _refuse_beside_daemon(app: App, what: str) -> None:
-    """One worker per home: a foreground learn or sleep beside a running daemon would
-    race it for version numbers (and its recovery could remove the daemon's fresh files)."""
+def _take_writer_lock(app: App, command: str, what: str) -> None:
+    """One writer per home (``agent.home.WriterLock``), held until the command ends:
+    beside a running daemon, or another learn, sleep, rollback or prune, this one
+    refuses with one line naming the holder, before it changes anything."""
     from .daemon.process import running
+    from .home import HomeBusy, WriterLock
 
     info = running(app.home)
     if info is not None:
         fail(f"a seal daemon runs on this home (pid {info.get('pid') or '?'}): it does the {what} work itself; "
              f"stop it first (seal daemon stop)")
+    try:
+        lock = WriterLock(app.home, command).acquire()
+    except HomeBusy as e:
+        fail(str(e))
+    click.get_current_context().call_on_close(lock.release)
 
 
 @click.command(cls=SealCommand)
@@ -218,7 +225,7 @@ def learn(app: App, max_passages: int | None) -> None:
     from .events import describe, log_lines
     from .wake import learn as drain
 
-    _refuse_beside_daemon(app, "learn")
+    _take_writer_lock(app, "learn", "learn")
     pending = app.store.queue_summary()["pending"]
     if pending == 0 and not app.store.claimed_jobs():
         click.echo("nothing to learn: the queue is empty (seal ingest FILE)")
@@ -280,7 +287,7 @@ def sleep(app: App, policy: str | None, as_json: bool) -> None:
     """Run one sleep phase now: consolidate, measure, keep or roll back."""
     import dataclasses
 
-    _refuse_beside_daemon(app, "sleep")
+    _take_writer_lock(app, "sleep", "sleep")
     from .sleep import record_skip, sleep_phase
 
     cfg = dataclasses.replace(app.cfg.sleep, policy=policy) if policy else app.cfg.sleep
@@ -376,7 +383,7 @@ def rollback(app: App, adapter: str) -> None:
     back; nothing is deleted; `seal rollback` to a newer one goes forward again).
     Recorded as an event. Refuses beside a running daemon."""
     row = adapter_row(app, adapter)
-    _refuse_beside_daemon(app, "learning")
+    _take_writer_lock(app, "rollback", "learning")
     registry = app.parts.registry
     problem = registry.verify(row["id"])
     if problem:
@@ -445,7 +452,7 @@ def prune(app: App, keep: int, dry_run: bool, as_json: bool) -> None:
     if store_or_none(app) is None:
         click.echo('{"removed": [], "kept": {}}' if as_json else "nothing to prune: no adapters yet")
         return
-    _refuse_beside_daemon(app, "learning")
+    _take_writer_lock(app, "prune", "learning")
     registry = app.parts.registry
     plan = registry.prune_plan(keep) if dry_run else registry.prune(keep)
     if as_json:

@@ -16,7 +16,9 @@ is a private in-memory store (no file, no WAL), migrated like a file store.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -75,6 +77,21 @@ class _Database(Database):
                 raise
 
 
+@contextlib.contextmanager
+def _first_open_lock(path: Path):
+    """Several processes opening a brand-new store at once would each create its
+    tables ("table already exists") or switch it to WAL ("database is locked"): the
+    setup and the migrations run one process at a time, under an exclusive ``flock`` on
+    ``<store>.lock`` (held for the instant an open takes; the kernel drops it with its
+    process)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Store(QueueStore, LearningStore, SleepStore, ViewStore):
     """The seal store at ``path`` (created and migrated on open); ``":memory:"`` for
     one that lives only as long as this object."""
@@ -87,9 +104,12 @@ class Store(QueueStore, LearningStore, SleepStore, ViewStore):
         self.db = _Database(conn)
         self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self.db.execute("PRAGMA foreign_keys = ON")
-        if self.path is not None:  # WAL needs a file; memory has its own journal
+        if self.path is None:
+            migrations.apply(self.db)
+            return
+        with _first_open_lock(self.path):  # WAL needs a file; memory has its own journal
             self.db.enable_wal()
-        migrations.apply(self.db)
+            migrations.apply(self.db)
 
     def close(self) -> None:
         self.db.close()

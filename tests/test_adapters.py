@@ -310,6 +310,22 @@ def test_registry_recover_removes_only_unowned_folders(model, registry):
     assert registry.recover() == []
 
 
+def test_a_ctrl_c_just_after_commit_keeps_the_committed_folder(model, registry, monkeypatch):
+    """The interrupt lands after COMMIT, before commit() returns: the version is in the
+    store and active, so its folder must stay (it used to be removed)."""
+    add = registry.store.add_adapter
+
+    def add_then_interrupt(*a, **kw):
+        add(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry.store, "add_adapter", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        commit(registry, model)
+    assert registry.active("knowledge")["id"] == "knowledge-0001"
+    assert registry.verify("knowledge-0001") is None and registry.recover() == []
+
+
 def test_in_transaction_failure_rolls_back_everything(model, registry):
     a = commit(registry, model)
     before = registry.store.counts()

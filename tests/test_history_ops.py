@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,27 @@ def test_rollback_refuses_damaged_files_and_a_running_daemon(history, home, seal
     finally:
         lock.release()
     assert history.counts() == before and history.active_adapter_id("knowledge") == "knowledge-0009"
+
+
+def test_writers_refuse_beside_each_other_naming_the_holder(history, home, seal):
+    """One writer per home: while another process (here: this one, through its own
+    lock) writes, learn, sleep, rollback and prune each refuse with one line naming it,
+    and change nothing; once it is gone, they run."""
+    from agent.home import WriterLock
+
+    before = history.counts()
+    with WriterLock(Home(home), "learn"):
+        for args in (("rollback", "knowledge-0005"), ("prune", "--keep", "1"), ("learn",), ("sleep",)):
+            r = seal(*args)
+            assert r.exit_code == 1, (args, r.output)
+            assert f"`seal learn` (pid {os.getpid()}, since " in r.output and "is writing to" in r.output, r.output
+            assert len(r.output.strip().splitlines()) == 1
+    assert history.counts() == before and history.active_adapter_id("knowledge") == "knowledge-0009"
+    r = seal("rollback", "knowledge-0005")
+    assert r.exit_code == 0, r.output
+    assert history.active_adapter_id("knowledge") == "knowledge-0005"
+    r = seal("rollback", "knowledge-0005")  # the lock was given back when the command ended
+    assert r.exit_code == 0 and "already the active" in r.output
 
 
 # ------------------------------------------------------------------ prune

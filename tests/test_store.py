@@ -158,3 +158,30 @@ def test_reopening_a_file_store_keeps_its_data_and_runs_no_migration_again(tmp_p
         assert store.counts() == counts
         assert store.active_adapter_id("knowledge") == "knowledge-0001"
         assert [p["title"] for p in store.passages()] == ["alpha 0", "alpha 1"]
+
+
+@pytest.mark.process
+def test_four_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path):
+    """Concurrent first opens used to fail ("table ... already exists", "database is
+    locked"): each of 4 processes, started together on a store that does not exist yet,
+    opens it, and the schema is migrated once."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    code = ("import sys, time; from store import Store\n"
+            "t = float(sys.argv[2])\n"
+            "while time.time() < t: pass\n"  # start together
+            "s = Store(sys.argv[1]); s.counts(); s.close()")
+    for round_ in range(3):
+        path = tmp_path / f"new-{round_}" / "store.db"
+        start = time.time() + 1.5
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(start)], cwd=REPO,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors
+        with Store(path) as store:
+            assert list(migrations.pending(store.db)) == []
+            assert len({m.name for m in migrations.applied(store.db)}) == len(list(migrations.applied(store.db)))

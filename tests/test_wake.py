@@ -695,3 +695,31 @@ def test_kill_9_in_mid_cycle_loses_nothing_and_resumes(seal, home, tmp_path, tin
             check_intact(store, home, "knowledge-0001")
         assert store.queue_summary() == {"pending": 0, "claimed": 0, "done": 2, "failed": 0}
     assert not [p for p in (home / "adapters").iterdir() if p.name.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------ one writer per home
+@pytest.mark.process
+def test_a_learning_process_holds_the_home_and_kill_9_gives_it_back(seal, home, tiny_dir):
+    """While `seal learn` trains, `seal sleep`, `seal prune` and `seal daemon run` on
+    the same home refuse with one line naming it; killed with -9, it holds nothing."""
+    assert seal("ingest", "-", input=f"# {VARN[0]}\n\n{VARN[1]}\n").exit_code == 0
+    proc = start_cli(seal_argv(home, tiny_dir, "--set", "lora.epochs=300", "learn"))
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            if "trial 1: passage" in line or time.monotonic() > deadline:
+                break
+        assert proc.poll() is None, "the learn process ended before its first trial"
+        for args in (("sleep",), ("prune", "--keep", "1"), ("daemon", "run", "--burst")):
+            r = run_cli(seal_argv(home, tiny_dir, *args, verbose=False), ok=False)
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert f"`seal learn` (pid {proc.pid}, since " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    with Store(home / "store.db") as store:
+        assert store.adapters() == [] and store.queue_summary()["claimed"] == 1
+    from agent.home import Home, WriterLock
+
+    with WriterLock(Home(home), "the next learn"):  # the kernel dropped the dead process's lock
+        pass

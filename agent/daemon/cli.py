@@ -12,6 +12,7 @@ import sys
 import click
 
 from ..cli import App, SealGroup, fail, pass_app
+from ..home import HomeBusy, WriterLock
 from .process import (
     AlreadyRunning,
     DaemonError,
@@ -146,6 +147,11 @@ def daemon_run(app: App, burst: bool, detached: bool) -> None:
     except AlreadyRunning as e:
         fail(str(e))
     with lock:
+        try:  # and the home's writer lock, so that no foreground learn, sleep, rollback or prune runs beside it
+            writer = WriterLock(app.home, "daemon run").acquire()
+        except HomeBusy as e:
+            fail(str(e))
+        click.get_current_context().call_on_close(writer.release)
         log_to_file(app.home, detached=detached)
         d = build_daemon(app.home, app.cfg, handle_signals=True)
         if not burst:
