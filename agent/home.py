@@ -47,9 +47,22 @@ class Home:
         return self.root / "logs"
 
     def ensure(self) -> Home:
+        """Create the folders, private to their owner: the home is 0700 (a home made
+        before, with wider rights, is narrowed), the store's files 0600; what seal
+        writes inside is kept private by the CLI's umask (``private_umask``)."""
         for d in (self.root, self.adapters, self.inbox, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.root, *(self.root / n for n in ("store.db", "store.db-wal", "store.db-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                if not path.is_symlink() and path.stat().st_mode & 0o077:
+                    path.chmod(0o700 if path.is_dir() else 0o600)
         return self
+
+
+def private_umask() -> None:
+    """Files and folders this process creates are its owner's alone (0600 / 0700):
+    the documents fed to seal, its store, logs and adapters are not other users' to read."""
+    os.umask(os.umask(0o077) | 0o077)
 
 
 class HomeBusy(RuntimeError):

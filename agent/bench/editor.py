@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -201,6 +202,7 @@ def train_editors(
             _write(out_dir / RESULT, result)
     finally:
         store.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the scratch home is the run's own
     _write(out_dir / RESULT, result)
     return result
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -224,6 +225,7 @@ def run_squad(
                     on_result(result())  # a partial result survives an interrupted run
         finally:
             store.close()
+            shutil.rmtree(tmp, ignore_errors=True)  # the scratch home is the run's own
     return result()
 
 

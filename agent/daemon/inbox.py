@@ -103,12 +103,20 @@ class Inbox:
             target = _free_name(folder, path.name)
             os.replace(path, target)
             if outcome != "ingested":
-                target.with_name(target.name + ".reason.txt").write_text(detail + "\n", encoding="utf-8")
+                _write_private(target.with_name(target.name + ".reason.txt"), detail + "\n")
         except OSError as e:
             log.error("inbox: cannot move %s to %s: %s", path, folder, e)
         (log.warning if outcome == "failed" else log.info)("inbox: %s %s -> %s: %s", outcome, path.name,
                                                              folder.name, detail)
         return InboxResult(path.name, outcome, detail, target)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a new file (0600) that is never a planted symlink's target: a symlink at
+    ``path`` is an OSError (ELOOP), not a write elsewhere."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _free_name(folder: Path, name: str) -> Path:
