@@ -122,8 +122,11 @@ def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: 
             passages += o.passages_added
             questions += o.questions_added
             known = f", {o.passages_duplicate} already known" if o.passages_duplicate else ""
+            lost = f"; {o.questions_dropped} question(s) of passages learned before were not added" \
+                if o.questions_dropped else ""
             click.echo(
                 f"new: {o.source} {doc.title!r}: {o.passages_added} passage(s){known}, {o.questions_added} question(s)"
+                f"{lost}"
             )
     if new_docs == 0:
         fail(f"nothing new to ingest: {dup_docs} duplicate document(s)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,10 +33,24 @@ STDIN = "-"
 
 
 # ------------------------------------------------------------------------ text helpers
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # controls but \t \n \r; lone surrogates
+
+
+def clean(text: str) -> str:
+    """Without control characters (but tabs and newlines) and lone surrogates (which a
+    JSON "\\ud800" escape can carry, and which UTF-8 cannot store)."""
+    return _UNPRINTABLE.sub("", text)
+
+
+def one_line(text: str) -> str:
+    """A title, question or answer: cleaned, its whitespace runs made single spaces."""
+    return " ".join(clean(text).split())
+
+
 def normalize_text(text: str) -> str:
-    """What is stored: NFC, Unix newlines, no trailing spaces, at most one blank line
-    between paragraphs, no surrounding whitespace."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    """What is stored: no control characters, NFC, Unix newlines, no trailing spaces,
+    at most one blank line between paragraphs, no surrounding whitespace."""
+    text = unicodedata.normalize("NFC", clean(text.replace("\r\n", "\n").replace("\r", "\n")))
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -162,15 +178,37 @@ def _decode(source: str, data: bytes, limit: int) -> str:
 
 def read_file(source: str, limit: int) -> tuple[str, int]:
     """The text of a file and its size in bytes, or an IngestError."""
-    p = Path(source)
-    try:
-        size = p.stat().st_size
-        if limit and size > limit:  # refuse before reading a huge file into memory
-            raise IngestError(f"{source}: {size:,} bytes, over the limit ingest.max_document_bytes = {limit:,}")
-        data = p.read_bytes()
+    try:  # non-blocking: opening a FIFO must not wait for a writer
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise IngestError(f"{source}: cannot read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a device (a link to /dev/zero), a socket
+            raise IngestError(f"{source}: not a regular file ({_kind(st.st_mode)}): seal reads documents only")
+        if limit and st.st_size > limit:  # refuse before reading a huge file into memory
+            raise IngestError(f"{source}: {st.st_size:,} bytes, over the limit ingest.max_document_bytes = {limit:,}")
+        chunks, got, cap = [], 0, (limit + 1 if limit else None)  # a file that grows: never more than limit + 1
+        while cap is None or got < cap:
+            b = os.read(fd, 1 << 20 if cap is None else min(1 << 20, cap - got))
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise IngestError(f"{source}: cannot read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
     return _decode(source, data, limit), len(data)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def read_stream(stream: BinaryIO, limit: int) -> tuple[str, int]:
@@ -188,6 +226,8 @@ def parse_text(source: str, kind: str, raw: str, size: int, title: str | None) -
         title, text = heading, body
         if not text:
             raise IngestError(f"{source}: there is no text after the title '{short_text(heading)}'")
+    if all(_HEADING.fullmatch(line.strip()) for line in text.split("\n") if line.strip()):
+        raise IngestError(f"{source}: only headings, no text to learn")
     if title is None:
         title = "stdin" if source == STDIN else Path(source).stem
     return Document(source, kind, title, size, content_hash(normalize_text(raw)), [Record(title, text)])
@@ -204,7 +244,9 @@ def _questions(where: str, value: object) -> list[NewQuestion]:
             raise IngestError(f'{where}: question {i} needs "question" and "answer" strings')
         if not q["question"].strip() or not q["answer"].strip():
             raise IngestError(f"{where}: question {i} has an empty question or answer")
-        out.append(NewQuestion(" ".join(q["question"].split()), " ".join(q["answer"].split())))
+        if not one_line(q["question"]) or not one_line(q["answer"]):
+            raise IngestError(f"{where}: question {i} has an empty question or answer")
+        out.append(NewQuestion(one_line(q["question"]), one_line(q["answer"])))
     return out
 
 
@@ -212,12 +254,12 @@ def _record(where: str, obj: object, default_title: str) -> Record:
     if not isinstance(obj, dict):
         raise IngestError(f'{where}: expected an object with "context" (and "title", "questions"), got {type(obj).__name__}')
     context = obj.get("context")
-    if not isinstance(context, str) or not context.strip():
+    if not isinstance(context, str) or not normalize_text(context):
         raise IngestError(f'{where}: no "context" text')
     title = obj.get("title")
     if title is not None and not isinstance(title, str):
         raise IngestError(f'{where}: "title" must be a string')
-    title = " ".join(title.split()) if title and title.strip() else default_title
+    title = one_line(title) if title and one_line(title) else default_title
     return Record(title, normalize_text(context), _questions(where, obj.get("questions")))
 
 
@@ -246,6 +288,8 @@ def parse_json(source: str, raw: str, size: int, title: str | None) -> Document:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise IngestError(f"{source}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise IngestError(f"{source}: JSON nested too deeply") from None
     default = title or stem
     if isinstance(data, dict) and "context" not in data and isinstance(data.get("data"), list):
         records = _squad_v1(source, data, default)
@@ -273,6 +317,8 @@ def parse_jsonl(source: str, raw: str, size: int, title: str | None) -> Document
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise IngestError(f"{source} line {n}: malformed JSON at column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise IngestError(f"{source} line {n}: JSON nested too deeply") from None
         records.append(_record(f"{source} line {n}", obj, default))
     return Document(source, "jsonl", default, size, _records_hash(records), records)
 
@@ -299,6 +345,8 @@ def parse_questions(source: str, limit: int) -> list[QuestionLine]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise IngestError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise IngestError(f"{where}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise IngestError(f'{where}: expected an object {{"question": ..., "answer": ...}}')
         q, a, t = obj.get("question"), obj.get("answer"), obj.get("title")
@@ -308,7 +356,9 @@ def parse_questions(source: str, limit: int) -> list[QuestionLine]:
             raise IngestError(f'{where}: "title" must be a non-empty string')
         if not normalize(a) and not normalize(a, " "):
             raise IngestError(f"{where}: answer {a!r} has no words to look for")
-        out.append(QuestionLine(n, " ".join(q.split()), " ".join(a.split()), " ".join(t.split()) if t else None))
+        if not one_line(q) or not one_line(a) or (t is not None and not one_line(t)):
+            raise IngestError(f"{where}: a question, answer or title is only control characters")
+        out.append(QuestionLine(n, one_line(q), one_line(a), one_line(t) if t else None))
     if not out:
         raise IngestError(f"{source}: no questions in the file")
     return out

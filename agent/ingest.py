@@ -64,8 +64,8 @@ class Chunker:
 
     Passages break on paragraph boundaries (blank lines); a paragraph over the budget
     breaks on sentence ends, and a sentence over it between words. Each passage is a
-    contiguous slice of the text, so nothing is lost or reordered; only a single word
-    longer than the budget can overflow it (there is nowhere to cut).
+    contiguous slice of the text, so nothing is lost or reordered; a single word over the
+    budget is cut inside (``_cut``), so no passage is ever over it.
     """
 
     def __init__(self, tokenizer, budget: int):
@@ -113,8 +113,22 @@ class Chunker:
             else:
                 words = [(s + m.start(), s + m.end()) for m in re.finditer(r"\S+", text[s:e])]
                 counts = self.counts([text[a:b] for a, b in words])
-                units.extend(self._pack(text, [(a, b, c) for (a, b), c in zip(words, counts, strict=True)]))
+                pieces = [u for (a, b), c in zip(words, counts, strict=True) for u in self._cut(text, a, b, c)]
+                units.extend(self._pack(text, pieces))
         return self._pack(text, units)
+
+    def _cut(self, text: str, start: int, end: int, n: int) -> list[tuple[int, int, int]]:
+        """A word over the budget (a 200 KB string with no space) is cut into pieces of
+        equal length that fit; any other unit is returned as it is."""
+        if n <= self.budget or end - start < 2:
+            return [(start, end, n)]
+        k = 2 * -(-n // self.budget)  # twice the pieces the count says: tokens are uneven
+        size = -(-(end - start) // k)
+        spans = [(a, min(a + size, end)) for a in range(start, end, size)]
+        out = []
+        for (a, b), c in zip(spans, self.counts([text[a:b] for a, b in spans]), strict=True):
+            out.extend(self._cut(text, a, b, c))
+        return out
 
     def _pack(self, text: str, units: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """Greedily merge consecutive units while they fit. The sum of the units' counts

@@ -256,6 +256,11 @@ class Runtime:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n".join(m["content"] for m in messages) + "\n"
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the model can attend to (prompt + generation); generation cuts longer prompts."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
     def n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -280,12 +285,14 @@ class Runtime:
         out: list[Generation] = [None] * len(prompts)  # type: ignore[list-item]
         # Sort by length so that batches waste little padding; restore order after.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        old_side = tok.padding_side
-        tok.padding_side = "left"
+        old_side, old_cut = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # a prompt over the context loses its start, keeps its question
+        room = max(1, self.context_length - max_new_tokens)
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
+                          truncation=True, max_length=room)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 gen_kwargs = dict(
                     max_new_tokens=max_new_tokens,
@@ -311,7 +318,7 @@ class Runtime:
                     text = tok.decode(ids[:n], skip_special_tokens=True).strip()
                     out[i] = Generation(text=text, n_tokens=n)
         finally:
-            tok.padding_side = old_side
+            tok.padding_side, tok.truncation_side = old_side, old_cut
             self.model.train(was_training)
         return out
 

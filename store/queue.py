@@ -51,6 +51,7 @@ class IngestOutcome:
     passages_duplicate: int
     questions_added: int
     duplicate_of: str | None = None  # source of the document it duplicates
+    questions_dropped: int = 0  # questions of passages learned before (from another document): not added
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,22 @@ class QueueStore:
                         "ingested_at": at,
                     }
                 ).last_pk
-                added = dup = n_q = 0
+                added = dup = n_q = dropped = 0
+                here: dict[str, tuple[int, set]] = {}  # passages of this document: sha256 -> (id, its questions)
                 for seq, p in enumerate(doc.passages):
+                    if p.sha256 in here:  # the same passage again in this document: its new questions join it
+                        pid, known = here[p.sha256]
+                        more = [q for q in p.questions if (q.question, q.answer) not in known]
+                        known.update((q.question, q.answer) for q in more)
+                        self.db["questions"].insert_all(
+                            {"passage_id": pid, "question": q.question, "answer": q.answer, "origin": q.origin,
+                             "role": None, "created_at": at} for q in more)
+                        n_q += len(more)
+                        dup += 1
+                        continue
                     if self._one("SELECT id FROM passages WHERE sha256 = ?", [p.sha256]):
                         dup += 1
+                        dropped += len(p.questions)
                         continue
                     pid = self.db["passages"].insert(
                         {
@@ -125,6 +138,7 @@ class QueueStore:
                         for q in p.questions
                     )
                     n_q += len(p.questions)
+                    here[p.sha256] = (pid, {(q.question, q.answer) for q in p.questions})
                     self.db["jobs"].insert(
                         {
                             "passage_id": pid,
@@ -137,7 +151,7 @@ class QueueStore:
                     )
                     added += 1
                 self.db["documents"].update(doc_id, {"n_passages": added})
-                outcomes.append(IngestOutcome(doc.source, "new", doc_id, added, dup, n_q))
+                outcomes.append(IngestOutcome(doc.source, "new", doc_id, added, dup, n_q, questions_dropped=dropped))
             new = [o for o in outcomes if o.status == "new"]
             if new:
                 self._event(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -138,15 +139,18 @@ _document = st.lists(st.one_of(_paragraph, _paragraph, _long_word), min_size=1, 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=_document, budget=st.sampled_from([16, 24, 48, 128]))
-def test_chunks_fit_the_budget_and_keep_every_word_in_order(tokenizer, text, budget):
+def test_chunks_fit_the_budget_and_keep_every_character_in_order(tokenizer, text, budget):
     text = normalize_text(text)
     chunker = Chunker(tokenizer, budget)
     chunks = chunker.split(text)
     for chunk, n in chunks:
         assert chunk == chunk.strip() and chunk
         assert n == chunker.count(chunk)
-        assert n <= budget or len(chunk.split()) == 1  # only a lone over-long word may overflow
-    assert " ".join(c for c, _ in chunks).split() == text.split()
+        assert n <= budget  # a word over the budget is cut inside: no chunk overflows
+    assert "".join("".join(c.split()) for c, _ in chunks) == "".join(text.split())  # nothing lost or reordered
+    at = 0
+    for chunk, _ in chunks:  # each chunk is a slice of the text, in order
+        at = text.index(chunk, at) + len(chunk)
     # a paragraph that fits is never cut: it lies whole inside one chunk
     for paragraph in text.split("\n\n"):
         if chunker.count(paragraph) <= budget:
@@ -432,7 +436,29 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             "qa4.jsonl line 1: no ingested document is titled 'Nope'",
         ),
         "good questions, bad document": ([str(good), str(tmp / "gone.md"), "--questions", str(qa_ok)], "gone.md: no such file"),
+        "a FIFO given by name (it used to hang)": ([str(_fifo(tmp / "pipe.txt"))], "pipe.txt: not a regular file (a FIFO)"),
+        "a link to /dev/zero (it used to grow without bound)": (
+            [str(_link(tmp / "zero.txt", "/dev/zero"))], "zero.txt: not a regular file (a character device)"),
+        "deeply nested JSON": ([str(write(tmp / "deep.json", "[" * 100_000 + "]" * 100_000))], "deep.json: JSON nested too deeply"),
+        "deeply nested JSONL": ([str(write(tmp / "deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"))],
+                                "deep.jsonl line 1: JSON nested too deeply"),
+        "markdown with only headings": ([str(write(tmp / "heads.md", "# Title\n\n## Part one\n\n## Part two\n"))],
+                                        "heads.md: only headings, no text to learn"),
+        "a context of control characters only": ([str(write(tmp / "ctl.json", json.dumps({"context": "\x01\x02\x7f"})))],
+                                                 'ctl.json: no "context" text'),
     }
+
+
+def _fifo(path: Path) -> Path:
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _link(path: Path, target: str) -> Path:
+    if not path.is_symlink():
+        path.symlink_to(target)
+    return path
 
 
 def _case_names() -> list[str]:
@@ -512,3 +538,63 @@ def test_budget_setting_is_checked(seal, home, tmp_path):
     assert r.exit_code == 1
     assert r.stderr.strip() == "Error: ingest: max_passage_tokens must be at least 16"
     assert counts(home) is None
+
+
+# ------------------------------------------------------------------ the holes a long-running service met
+def test_a_200_kb_word_is_cut_into_passages_within_the_budget(seal, home, tmp_path):
+    """One 200 KB "word" used to be one 50,000-token passage (the budget is 1,024)."""
+    doc = tmp_path / "word.txt"
+    import random
+
+    rng = random.Random(0)  # no two chunks alike (a repeated chunk is a duplicate passage)
+    doc.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(200_000)) + "\n", encoding="utf-8")
+    ok(seal("ingest", doc))
+    with Store(home / "store.db") as store:
+        passages = store.passages()
+        assert len(passages) > 1 and max(p["n_tokens"] for p in passages) <= 1024
+        assert "".join(p["text"] for p in passages) == doc.read_text().strip()
+
+
+def test_control_characters_and_lone_surrogates_are_not_stored(seal, home, tmp_path):
+    doc = tmp_path / "odd.json"
+    doc.write_text('{"title": "Odd\\u0007 town", "context": "Velmoor\\u0000 lies on \\ud800Lake\\u001b Quillon.\\tIt is old.",'
+                   ' "questions": [{"question": "Where\\u0008 is Velmoor?", "answer": "Lake Quillon"}]}', encoding="utf-8")
+    ok(seal("ingest", doc))
+    with Store(home / "store.db") as store:
+        (p,) = store.passages()
+        assert p["title"] == "Odd town" and p["text"] == "Velmoor lies on Lake Quillon.\tIt is old."
+        assert [q["question"] for q in store.questions(p["id"])] == ["Where is Velmoor?"]
+
+
+def test_a_passage_repeated_in_one_file_keeps_all_its_questions(seal, home, tmp_path):
+    """Its questions used to be dropped without a word when a passage came twice."""
+    ctx = "Velmoor is a small lakeside town on Lake Quillon, founded by Oda Feverell."
+    doc = tmp_path / "twice.jsonl"
+    doc.write_text(json.dumps({"title": "Velmoor", "context": ctx,
+                               "questions": [{"question": "Which lake?", "answer": "Lake Quillon"}]}) + "\n"
+                   + json.dumps({"title": "Velmoor", "context": ctx,
+                                 "questions": [{"question": "Which lake?", "answer": "Lake Quillon"},
+                                               {"question": "Who founded it?", "answer": "Oda Feverell"}]}) + "\n",
+                   encoding="utf-8")
+    out = ok(seal("ingest", doc))
+    assert "1 passage(s), 1 already known, 2 question(s)" in out
+    with Store(home / "store.db") as store:
+        (p,) = store.passages()
+        assert sorted(q["question"] for q in store.questions(p["id"])) == ["Which lake?", "Who founded it?"]
+    # the same passage in another document later: its questions cannot be added, and it says so
+    other = tmp_path / "again.jsonl"
+    other.write_text(json.dumps({"title": "Velmoor", "context": ctx,
+                                 "questions": [{"question": "Where is it?", "answer": "Lake Quillon"}]}) + "\n"
+                     + json.dumps({"title": "New", "context": "Brisk is a hamlet."}) + "\n", encoding="utf-8")
+    out = ok(seal("ingest", other))
+    assert "1 question(s) of passages learned before were not added" in out
+
+
+def test_generation_cuts_a_prompt_longer_than_the_context(tokenizer):
+    from agent.runtime import Runtime
+    from tests.helpers import tiny_llama
+
+    rt = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    rt.model.config.max_position_embeddings = 64
+    (g,) = rt.generate([rt.chat("word " * 500)], max_new_tokens=8)  # ~500 tokens: it used to overflow the context
+    assert g.n_tokens <= 8
