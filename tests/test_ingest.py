@@ -598,3 +598,54 @@ def test_generation_cuts_a_prompt_longer_than_the_context(tokenizer):
     rt.model.config.max_position_embeddings = 64
     (g,) = rt.generate([rt.chat("word " * 500)], max_new_tokens=8)  # ~500 tokens: it used to overflow the context
     assert g.n_tokens <= 8
+
+
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40)
+    | st.text(alphabet="ab .\n\x00\x07\x1b\x7f\ud800\udfff", max_size=20),  # controls, lone surrogates
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["title", "context", "questions", "question", "answer", "data", "paragraphs", "qas",
+                         "answers", "text", "x"]), inner, max_size=5),
+    max_leaves=20)
+_payload = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.text(max_size=200).map(lambda t: t.encode("utf-16")),
+    _json_value.map(lambda v: json.dumps(v).encode()),
+    st.lists(_json_value, max_size=4).map(lambda vs: "\n".join(json.dumps(v) for v in vs).encode()),
+)
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_payload, ext=st.sampled_from([".txt", ".md", ".json", ".jsonl"]))
+def test_fuzzed_input_is_ingested_or_refused_in_one_line(tokenizer, tmp_path_factory, data, ext):
+    """Any bytes, encoding or JSON shape, as any supported kind of file: either it
+    parses into passages within the budget, or it is an IngestError of one line;
+    nothing else is raised, and nothing hangs (an alarm fails the test)."""
+    import signal
+
+    from agent.documents import IngestError
+    from agent.ingest import IngestConfig, prepare
+    from agent.runtime import ModelConfig
+
+    path = tmp_path_factory.mktemp("fuzz") / f"doc{ext}"
+    path.write_bytes(data)
+
+    def hung(*_):
+        raise TimeoutError("ingest hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        docs = prepare([str(path)], cfg=IngestConfig(max_passage_tokens=64), model=ModelConfig(), tokenizer=tokenizer)
+    except IngestError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    for d in docs:
+        assert d.passages and all(p.text and p.n_tokens <= 64 for p in d.passages)
+        for p in d.passages:
+            p.text.encode("utf-8")  # storable: no lone surrogate
+            assert all(q.question.encode("utf-8") and q.answer.encode("utf-8") for q in p.questions)
