@@ -54,6 +54,7 @@ class SleepConfig:
     max_logprob_drop: float = field(default=0.05, metadata={"help": "gate: mean probe answer log-likelihood (nats/token) may fall by at most this"})
     max_drift_increase: float = field(default=0.02, metadata={"help": "gate: KL from the base on the generic texts may rise by at most this"})
     max_reading_drop: float = field(default=0.1, metadata={"help": "gate: open-book reading accuracy may fall by at most this"})
+    measure_budget: int = field(default=32, metadata={"help": "learned passages a sleep measures: the recent ones and a rotating, seeded window of the rest (every one in turn); 0 = all"})
     memorisation_tokens: int = field(default=32, metadata={"help": "memorisation: prefix and continuation length, in tokens"})
     restem: bool = field(default=True, metadata={"help": "run a ReST-EM round on the editor after the consolidation"})
     seed: int = field(default=0, metadata={"help": "base seed of sampling old passages, dreams and training"})
@@ -65,7 +66,8 @@ class SleepConfig:
             raise ValueError(f"policy: {e}") from None
         if self.merge_type not in MERGE_TYPES:
             raise ValueError(f"merge_type: unknown {self.merge_type!r} (known: {', '.join(MERGE_TYPES)})")
-        for name in ("recent", "old_sample", "dreams", "dream_tokens", "merge_versions", "memorisation_tokens"):
+        for name in ("recent", "old_sample", "dreams", "dream_tokens", "merge_versions", "memorisation_tokens",
+                     "measure_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.epochs < 1:
@@ -288,6 +290,7 @@ class _Sleep:
     now: float | None
     parent_id: str | None = None
     learned: list[int] = field(default_factory=list)
+    measured: list[int] = field(default_factory=list)  # the learned passages this sleep measures (measure_budget)
     timings: dict = field(default_factory=dict)
     row: dict = field(default_factory=dict)
     before: dict = field(default_factory=dict)
@@ -320,7 +323,9 @@ def sleep_phase(learner, cfg: SleepConfig, editor_cfg=None, trigger: str = "manu
         return record_skip(store, cfg, trigger, "no learned passage yet", run.parent_id, now=now)
     versions = [a["id"] for a in registry.list(KNOWLEDGE)
                 if a["status"] == "committed" and (parent is None or a["version"] <= parent["version"])]
-    seed = cfg.seed + 7919 * store.counts().get("sleeps", 0)  # each sleep samples anew
+    n_sleeps = store.counts().get("sleeps", 0)
+    seed = cfg.seed + 7919 * n_sleeps  # each sleep samples anew
+    run.measured = consolidations.measured_sample(run.learned, cfg.measure_budget, cfg.recent, n_sleeps, cfg.seed)
     mix = consolidations.get(cfg.policy).plan(commit_order(learner, run.learned), versions, cfg, seed)
     if mix.empty:
         return record_skip(store, cfg, trigger, mix.note or "nothing to consolidate", run.parent_id, now=now)
@@ -360,9 +365,10 @@ def _consolidate_and_gate(run: _Sleep, mix: Mix, seed: int) -> tuple[bool, str, 
     gate. Returns (keep, reason, the after-measures); raises Abandoned on a stop."""
     learner, cfg, store, timings = run.learner, run.cfg, run.learner.store, run.timings
     # 1. before: every learned passage's probes, drift, memorisation (a matrix row)
-    run.on_event(Event("measure", START, f"sleep ({cfg.policy}): measuring {len(run.learned)} learned passage(s) before"))
+    of = f" of {len(run.learned)}" if len(run.measured) < len(run.learned) else ""
+    run.on_event(Event("measure", START, f"sleep ({cfg.policy}): measuring {len(run.measured)}{of} learned passage(s) before"))
     t0 = time.perf_counter()
-    b = measure(learner, KNOWLEDGE, run.learned, cfg, run.should_stop)
+    b = measure(learner, KNOWLEDGE, run.measured, cfg, run.should_stop)
     _write_measures(store, run.parent_id, b)
     run.before = b.summary
     timings["measure_before"] = time.perf_counter() - t0
@@ -386,7 +392,7 @@ def _consolidate_and_gate(run: _Sleep, mix: Mix, seed: int) -> tuple[bool, str, 
     # 3. after, on the consolidated weights; 4. the gate
     run.on_event(Event("measure", START, "measuring after"))
     t0 = time.perf_counter()
-    a = measure(learner, TRIAL, run.learned, cfg, run.should_stop)
+    a = measure(learner, TRIAL, run.measured, cfg, run.should_stop)
     timings["measure_after"] = time.perf_counter() - t0
     run.on_event(Event("measure", END))
     keep, reason = gate(run.before, a.summary, cfg)

@@ -15,11 +15,11 @@ AUGMENT = ("off", "also", "only")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    self_edit: str = field(default="qa_chat", metadata={"help": "self-edit policy: passage | passage_chat | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
+    self_edit: str = field(default="passage_chat", metadata={"help": "self-edit policy (default chosen on 30 tune passages, README): passage | passage_chat | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
     augment: str = field(default="off", metadata={"help": "off: each self-edit is a candidate (best-of-N) | also: plus one candidate training all N together | only: just that one"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
     reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy | teacher_agreement (label-free: self-written questions, see distill)"})
-    selection: str = field(default="floor", metadata={"help": "selection policy: floor (passage-only unless a self-edit beats it by edit_margin) | best_of_n | prefer_edit"})
+    selection: str = field(default="prefer_edit", metadata={"help": "selection policy: prefer_edit (the best self-edit unless passage-only beats it by edit_margin) | floor (passage-only unless a self-edit beats it by edit_margin) | best_of_n"})
     min_gain: float = field(default=0.0, metadata={"help": "best_of_n: a committed update must beat the no-update baseline by more than this (floor commits passage-only whenever it trained)"})
     edit_margin: float = field(default=0.05, metadata={"help": "a self-edit must beat the passage-only trial by more than this to be preferred"})
     include_passage: bool = field(default=True, metadata={"help": "also train a passage-only trial and let it compete"})

@@ -18,6 +18,7 @@ what weights. The agent does the work (``agent/sleep.py``).
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -75,6 +76,23 @@ def replay_sample(learned: Sequence[int], recent: int, old_sample: int, seed: in
     k = min(max(old_sample, 0), len(older))
     picked = set(random.Random(seed).sample(older, k)) if k else set()
     return tuple(p for p in older if p in picked) + tuple(newest)
+
+
+def measured_sample(learned: Sequence[int], budget: int, recent: int, round_: int, seed: int) -> list[int]:
+    """The learned passages one sleep measures (before and after, for the gate): all of
+    them while they fit in ``budget`` (0: no limit); beyond it, the ``recent`` newest
+    (the ones replayed) and a window of a fixed, seeded order of the rest that moves on
+    by its own size every sleep (``round_``), so that every passage is measured again
+    within ceil(N / window) sleeps and a sleep's cost stays bounded at 10,000 passages."""
+    if not budget or len(learned) <= budget:
+        return list(learned)
+    newest = list(learned[len(learned) - min(recent, budget):]) if recent else []
+    taken = set(newest)
+    rest = sorted((p for p in learned if p not in taken), key=lambda p: (zlib.crc32(f"{seed}:{p}".encode()), p))
+    width = budget - len(newest)
+    start = (round_ * width) % len(rest) if rest and width else 0
+    window = (rest[start:] + rest[:start])[:width]
+    return sorted(taken | set(window))
 
 
 class Replay:

@@ -57,7 +57,9 @@ FAST_FLAGS = [
     "--set", "model.threads=1", "--set", "lora.rank=4", "--set", "wake.self_edit_tokens=16",
     "--set", "wake.answer_tokens=8", "--set", "wake.candidates=2",
 ]
-ALWAYS = PolicyConfig(min_gain=-1e9)  # commit whatever wins: the commit path, every time
+# commit whatever wins: the commit path, every time. The wake cycle's mechanics are tested
+# with a policy that writes self-edits (qa_chat, the floor), not the default passage_chat
+ALWAYS = PolicyConfig(self_edit="qa_chat", selection="floor", min_gain=-1e9)
 
 
 # ------------------------------------------------------------ passages, documents

@@ -62,7 +62,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def editor_learner(tokenizer, home: Path) -> Learner:
     """A learner with the default policies and FAST_LORA."""
-    return make_learner(tokenizer, home, policies=PolicyConfig(), lora_cfg=FAST_LORA)
+    return make_learner(tokenizer, home, policies=PolicyConfig(self_edit="qa_chat"), lora_cfg=FAST_LORA)
 
 
 def pid_of(store: Store, title: str) -> int:
@@ -276,7 +276,7 @@ def test_a_kept_round_commits_the_editor_and_self_edits_are_written_with_it(read
 
     # a new process loads the active editor and writes the same self-edits
     again = Learner(Runtime(tiny_llama(learner.runtime.tokenizer), learner.runtime.tokenizer, name="tiny"),
-                    store, learner.registry, FAST_LORA, PolicyConfig(), FAST_WAKE)
+                    store, learner.registry, FAST_LORA, PolicyConfig(self_edit="qa_chat"), FAST_WAKE)
     assert again.editor_id == "editor-0001" and same(lora.snapshot(again.model, EDITOR), saved)
     assert again.sample_self_edits(passage, ["qa_chat"] * 2, seed=11) == edits
 
@@ -415,7 +415,7 @@ def test_sft_teaches_the_editor_its_pairs(tmp_path):
     runtime = Runtime.load(ModelConfig())
     store = Store(tmp_path / "store.db")
     learner = Learner(runtime, store, AdapterRegistry(tmp_path / "adapters", store), LoraConfig(),
-                      PolicyConfig(), WakeConfig())
+                      PolicyConfig(self_edit="qa_chat"), WakeConfig())
     policy = self_edits.get("qa_chat")
     rows = [{"prompt": runtime.chat(policy.prompt(t, x)), "completion": e} for t, x, e in REAL_PAIRS]
     prompts, targets = [r["prompt"] for r in rows], [r["completion"] for r in rows]

@@ -503,3 +503,20 @@ def test_replay_brings_back_a_passage_that_a_later_update_made_the_model_forget(
         assert mem_a["exact"] == 1 and mem_a["token_match"] == 1.0
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_sleep_measures_a_bounded_rotating_sample_that_covers_every_passage_in_turn():
+    from policies.consolidation import measured_sample
+
+    learned = list(range(1, 2_001))
+    assert measured_sample(learned[:20], 32, 4, 0, 0) == learned[:20]  # it fits: all of them
+    assert measured_sample(learned, 0, 4, 0, 0) == learned  # 0: no budget
+    seen: set[int] = set()
+    width = 32 - 4
+    for k in range(-(-(len(learned) - 4) // width)):
+        got = measured_sample(learned, 32, 4, k, 0)
+        assert len(got) == 32 and set(learned[-4:]) <= set(got)  # bounded; the newest always
+        assert got == measured_sample(learned, 32, 4, k, 0)  # seeded: the same sleep, the same sample
+        seen |= set(got)
+    assert seen == set(learned)  # every passage measured again within ceil(N / window) sleeps
+    assert measured_sample(learned, 32, 4, 0, 0) != measured_sample(learned, 32, 4, 0, 1)
