@@ -44,7 +44,7 @@ from tests.helpers import (
     start_cli,
 )
 
-NEVER = PolicyConfig(selection="best_of_n", min_gain=1e9)  # nothing clears the bar: the rejection path
+NEVER = PolicyConfig(self_edit="qa_chat", selection="best_of_n", min_gain=1e9)  # nothing clears the bar: the rejection path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -557,6 +557,8 @@ def _perturbed(key: str, value: object) -> str | None:
         return 'Be "brief" \\ and kind, # not a comment'
     if key == "lora.targets":
         return "v_proj,q_proj"
+    if key == "distill.goldfish":  # 0 (off) or >= 2
+        return str(value + 2)
     if isinstance(value, bool):
         return str(not value).lower()
     if isinstance(value, int):
