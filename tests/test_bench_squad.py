@@ -222,3 +222,14 @@ def test_the_data_is_recorded_by_name_and_content_not_by_path(tmp_path):
     assert data_id(copy) == data_id(shipped) and data_id(shipped).startswith("squad_dev.json sha256:")
     copy.write_text(copy.read_text(encoding="utf-8").replace("Super Bowl", "Super Bowl!", 1), encoding="utf-8")
     assert data_id(copy) != data_id(shipped)  # other passages: another id
+
+
+def test_a_policy_that_writes_nothing_is_a_row_and_the_default_selects_it_as_the_wake_cycle_would(tokenizer, data_file):
+    runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    cfg = dataclasses.replace(_cfg(), policies=PolicyConfig(self_edit="passage_chat", selection="prefer_edit"))
+    got = run_squad(runtime, cfg, data_path=data_file, passages=1, seed=3, policies=("passage_chat",))
+    assert [r["condition"] for r in got["rows"]] == ["base", "passage", "passage_chat", "default", "open-book"]
+    (p,) = got["per_passage"]
+    assert [t["policy"] for t in p["trials"]] == ["passage", "passage_chat"]  # the row's trial, not trained twice
+    assert p["choice"] in ("passage", "passage_chat")
+    assert p["conditions"]["default"]["correct"] == p["conditions"][p["choice"]]["correct"]

@@ -390,3 +390,37 @@ def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
     assert all(c["note"] is None and c["n_examples"] for c in cands)  # both trained: neither repeats the other
     assert [c["n_examples"] for c in cands] == [1, 3]
     assert report.outcome == "committed"
+
+
+@pytest.mark.real_model
+def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime, tmp_path):
+    """The default policy on the default model: after one passage_chat trial on an
+    invented passage, the closed-book answer about it names the fact it did not know,
+    and the fact is far more likely than before."""
+    from adapters.names import KNOWLEDGE, TRIAL
+    from adapters.registry import AdapterRegistry
+    from agent.learner import Learner
+    from agent.trial import Candidate, try_candidate
+    from agent.wake import WakeConfig
+    from store import Store
+
+    store = Store(tmp_path / "store.db")
+    base_model = real_runtime.model
+    learner = Learner(real_runtime, store, AdapterRegistry(tmp_path / "adapters", store), lora.LoraConfig(),
+                      PolicyConfig(), WakeConfig())
+    try:
+        title, text = INVENTED
+        passage = {"id": 1, "title": title, "text": text}
+        probe = [{"id": 1, "question": "What is the name of the only town on the Isle of Brenmoor?", "answer": "Quorrin"}]
+        known = learner.score(KNOWLEDGE, title, probe)
+        assert known.accuracy == 0.0  # it did not know
+        o = try_candidate(learner, passage, Candidate("passage_chat"), 0, probe, known)
+        assert o.ok and o.n_examples == 3
+        after = learner.score(TRIAL, title, probe)
+        print("closed-book answer:", after.answers, f"log p(Quorrin) per token {known.logprob:.2f} -> {after.logprob:.2f}")
+        assert after.accuracy == 1.0
+        assert after.logprob > known.logprob + 1.0
+    finally:
+        store.close()
+        learner.model.unload()  # the session's model is shared: take the LoRA layers out again
+        real_runtime.model = base_model
