@@ -370,7 +370,7 @@ def render(result: dict) -> list:
     p = result["passage"]
     lines = [
         f"seal bench speed: one wake cycle on '{p['title']}' ({result['split']} split, seed {result['seed']}), "
-        f"{result['candidates']} self-edits + passage-only, {result['epochs']} epoch(s) per trial "
+        f"trials {' + '.join(c['policy'] for c in opt.get('candidates', [])) or '?'}, {result['epochs']} epoch(s) per trial "
         f"(configured: {result['configured_epochs']}); model {result['config']['model']}",
         f"machine: fp32 matmul {result['matmul']['n']}x{result['matmul']['n']}, threads: "
         f"{result['matmul']['threads']}: best {result['matmul']['before']['best'] / 1e9:.1f} GFLOP/s (median "
