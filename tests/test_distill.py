@@ -245,7 +245,7 @@ INVENTED = ("Isle of Brenmoor",
 def test_real_model_a_distillation_trial_learns_by_reading(real_runtime, tmp_path):
     """The default model distils what it reads: after one distillation trial on an
     invented passage, it agrees more with its open-book self on questions it wrote but
-    never trained on, and answers a question about the passage closed book."""
+    never trained on, and the answer to a question about the passage becomes far more likely."""
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
@@ -278,7 +278,8 @@ def test_real_model_a_distillation_trial_learns_by_reading(real_runtime, tmp_pat
         after = learner.score(TRIAL, title, probe)
         print("closed-book answer:", after.answers, f"log p(Quorrin) per token {known.logprob:.2f} -> {after.logprob:.2f}")
         # the fact is learned: the answer is far more likely closed book (e^1 per token: 2.7x). Naming it in a
-        # greedy answer is not asserted: with the default goldfish masking it often does not (README, tune run)
+        # greedy answer is not asserted: it does not (the answer is the passage's first sentence); the
+        # default policy's real-model test below does assert that
         assert after.logprob > known.logprob + 1.0
     finally:
         store.close()
