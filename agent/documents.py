@@ -254,13 +254,14 @@ def _record(where: str, obj: object, default_title: str) -> Record:
     if not isinstance(obj, dict):
         raise IngestError(f'{where}: expected an object with "context" (and "title", "questions"), got {type(obj).__name__}')
     context = obj.get("context")
-    if not isinstance(context, str) or not normalize_text(context):
+    text = normalize_text(context) if isinstance(context, str) else ""
+    if not text:
         raise IngestError(f'{where}: no "context" text')
     title = obj.get("title")
     if title is not None and not isinstance(title, str):
         raise IngestError(f'{where}: "title" must be a string')
     title = one_line(title) if title and one_line(title) else default_title
-    return Record(title, normalize_text(context), _questions(where, obj.get("questions")))
+    return Record(title, text, _questions(where, obj.get("questions")))
 
 
 def _squad_v1(source: str, data: dict, default_title: str) -> list[Record]:

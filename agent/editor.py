@@ -352,7 +352,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_e
         if len(rows) < cfg.min_pairs:
             return finish("skipped", f"{len(rows)} qualifying pairs (< min_pairs {cfg.min_pairs})", detail,
                           n_pairs=len(rows))
-        if self_edits.get(policy).prompt("t", "x") is None:
+        if not self_edits.writes(policy):
             return finish("skipped", f"self-edit policy {policy!r} writes nothing: no editor to measure", detail,
                           n_pairs=len(rows))
 

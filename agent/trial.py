@@ -73,8 +73,7 @@ def fixed_of(policies: PolicyConfig) -> list[Candidate]:
     """The candidates of the mix's policies that write nothing (``passage_chat``):
     one each, however many samples the mix asks for; passage-only is not one of them
     (``include_passage`` says whether it competes)."""
-    names = dict.fromkeys(n for n in policies.self_edits if n not in (PASSAGE, self_edits.AUGMENTED))
-    return [Candidate(n) for n in names if not self_edits.writes(n)]
+    return [Candidate(n) for n in dict.fromkeys(policies.self_edits) if self_edits.fixed(n)]
 
 
 def candidates_of(policies: PolicyConfig, edits: list[Candidate]) -> list[Candidate]:

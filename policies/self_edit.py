@@ -88,7 +88,7 @@ class PassageOnly:
 ABOUT = ("What do you know about {topic}?", "Tell me the main facts about {topic}.")  # requests about a passage's topic
 
 
-class PassageChat:
+class PassageChat(PassageOnly):
     """No self-edit either: the passage, and the passage again as the chat answer to
     "what do you know about TITLE" and "tell me the main facts about TITLE". The same
     facts in the form a closed-book question is asked in (a chat turn about the topic),
@@ -96,15 +96,10 @@ class PassageChat:
     topic recites the passage from its start instead of drifting into its own prose."""
 
     name = "passage_chat"
-    max_new_tokens = 0
-    distills = None
-
-    def prompt(self, title: str, text: str) -> str | None:
-        return None
 
     def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
         topic = title or "this topic"
-        return [Example(prompt="", completion=passage_text(title, text)),
+        return [*super().examples(title, text, edit, chat),
                 *(Example(prompt=chat(r.format(topic=topic)), completion=text) for r in ABOUT)]
 
 
@@ -259,3 +254,9 @@ def get(name: str) -> SelfEditPolicy:
 def writes(name: str) -> bool:
     """Whether a policy writes a self-edit (sampled), or is one fixed set of examples."""
     return get(name).max_new_tokens > 0
+
+
+def fixed(name: str) -> bool:
+    """A policy that writes nothing and is a candidate of its own (``passage_chat``):
+    not the passage-only reference, not the augmented mix of other edits."""
+    return not writes(name) and name not in (PassageOnly.name, AUGMENTED)

@@ -105,9 +105,7 @@ class QueueStore:
                         pid, known = here[p.sha256]
                         more = [q for q in p.questions if (q.question, q.answer) not in known]
                         known.update((q.question, q.answer) for q in more)
-                        self.db["questions"].insert_all(
-                            {"passage_id": pid, "question": q.question, "answer": q.answer, "origin": q.origin,
-                             "role": None, "created_at": at} for q in more)
+                        self._insert_questions(pid, more, at)
                         n_q += len(more)
                         dup += 1
                         continue
@@ -126,17 +124,7 @@ class QueueStore:
                             "created_at": at,
                         }
                     ).last_pk
-                    self.db["questions"].insert_all(
-                        {
-                            "passage_id": pid,
-                            "question": q.question,
-                            "answer": q.answer,
-                            "origin": q.origin,
-                            "role": None,
-                            "created_at": at,
-                        }
-                        for q in p.questions
-                    )
+                    self._insert_questions(pid, p.questions, at)
                     n_q += len(p.questions)
                     here[p.sha256] = (pid, {(q.question, q.answer) for q in p.questions})
                     self.db["jobs"].insert(
@@ -182,17 +170,14 @@ class QueueStore:
     def add_questions(self, passage_id: int, questions: list[NewQuestion], now: float | None = None) -> None:
         at = _now(now)
         with self.db.atomic():
-            self.db["questions"].insert_all(
-                {
-                    "passage_id": passage_id,
-                    "question": q.question,
-                    "answer": q.answer,
-                    "origin": q.origin,
-                    "role": None,
-                    "created_at": at,
-                }
-                for q in questions
-            )
+            self._insert_questions(passage_id, questions, at)
+
+    def _insert_questions(self, passage_id: int, questions: list[NewQuestion], at: float) -> None:
+        self.db["questions"].insert_all(
+            {"passage_id": passage_id, "question": q.question, "answer": q.answer, "origin": q.origin,
+             "role": None, "created_at": at}
+            for q in questions
+        )
 
     def set_question_roles(self, roles: dict[int, str]) -> None:
         with self.db.atomic():

@@ -159,7 +159,7 @@ def bench_editor(app: App, data_path: str | None, passages: int, rounds: int, se
     names = None
     if policy_names:
         names = tuple(n.strip() for n in policy_names.split(",") if n.strip())
-        bad = [n for n in names if n not in self_edits.SELF_EDIT_POLICIES or self_edits.get(n).prompt("t", "x") is None]
+        bad = [n for n in names if n not in self_edits.SELF_EDIT_POLICIES or not self_edits.writes(n)]
         if bad or not names:
             fail(f"--policies: {bad[0] if bad else policy_names!r} is not a self-edit policy that writes text")
     exclude = {d["title"] for d in draw(load_squad(path), exclude_eval, seed, "eval")} if exclude_eval else set()

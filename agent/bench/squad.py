@@ -331,7 +331,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
             record["conditions"][cand.policy]["memorised"] = memorised.get(k if o.result else 0)
     by_text = {(edits[k - 1].policy, edits[k - 1].text): k for k in wake_edits}
     # the rows of policies that write nothing (passage_chat): one fixed candidate each
-    for n in (n for n in policies if not self_edits.writes(n) and n not in (PASSAGE, self_edits.AUGMENTED)):
+    for n in (n for n in policies if self_edits.fixed(n)):
         k = max(done) + 1
         say(f"[{i + 1}/{n_data}] {title}: trial {k} ({n})")
         done[k] = run_trial(Candidate(n), k)
