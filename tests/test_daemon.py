@@ -323,6 +323,42 @@ def test_heartbeat_and_status_read_the_store(tokenizer, home):
 
 
 
+def test_the_daemon_prunes_old_versions_by_itself_and_status_shows_disk_use(tokenizer, home):
+    # months unattended: each learned passage is a new ~MB adapter version; the daemon
+    # keeps the newest keep_versions (and the active one) and removes the others' files
+    cfg = config(daemon=DaemonConfig(keep_versions=2))
+    gull = ("Gull Rock", "Gull Rock is a rock near Varn. It is 12 metres tall.", [("How tall is Gull Rock?", "12 metres")])
+    for i, rec in enumerate([VARN, BRISK, gull]):
+        drop(home, f"{i}.json", json.dumps(record(*rec)))
+    d = daemon(tokenizer, home, cfg, sleep_fn=FakeSleep())
+    r = d.run_burst()
+    assert [c.outcome for c in r.cycles] == ["committed"] * 3
+    store = d.learner.store
+    rows = {a["id"]: a for a in store.adapters() if a["kind"] == "wake"}
+    assert len(rows) == 3
+    live = sorted(i for i, a in rows.items() if a["status"] != "pruned")
+    assert len(live) == 2 and store.active_adapter_id(KNOWLEDGE) in live
+    (gone,) = set(rows) - set(live)
+    assert not (home / "adapters" / rows[gone]["path"]).exists()
+    assert all((home / "adapters" / rows[i]["path"]).is_dir() for i in live)
+    assert d.learner.registry.verify(store.active_adapter_id(KNOWLEDGE)) is None
+
+    s = daemon_status(Home(home))
+    disk = s["disk"]
+    assert disk["adapters"] > 0 and disk["store"] > 0
+    assert disk["total"] >= disk["adapters"] + disk["store"]
+    on_disk = sum(f.stat().st_size for f in (home / "adapters").rglob("*") if f.is_file())
+    assert disk["adapters"] == on_disk
+
+
+def test_keep_versions_zero_keeps_every_version(tokenizer, home):
+    for i, rec in enumerate([VARN, BRISK]):
+        drop(home, f"{i}.json", json.dumps(record(*rec)))
+    d = daemon(tokenizer, home, config(daemon=DaemonConfig(keep_versions=0)), sleep_fn=FakeSleep())
+    d.run_burst()
+    assert [a["status"] for a in d.learner.store.adapters() if a["kind"] == "wake"].count("pruned") == 0
+
+
 def test_seal_daemon_start_waits_for_a_status_of_a_daemon_that_runs(home):
     """A daemon that could not load its model writes 'stopping', then 'stopped: ...',
     before it exits: `seal daemon start` must wait for the exit, not call it started."""

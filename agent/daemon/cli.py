@@ -86,7 +86,7 @@ def daemon_status(app: App, as_json: bool) -> None:
 
     from store.db import JOB_STATES
 
-    from ..ui.fmt import next_sleep_text
+    from ..ui.fmt import file_size, next_sleep_text
 
     s = read_status(app.home)
     if as_json:
@@ -114,6 +114,8 @@ def daemon_status(app: App, as_json: bool) -> None:
             ("last heartbeat", ago(s["heartbeat_age_s"])),
             ("last sleep", when(s["last_sleep_at"])),
             ("next sleep", nxt if s["running"] else "-"),
+            ("disk", "{} ({} adapters, {} store, {} logs)".format(
+                *(file_size(s["disk"][k]) for k in ("total", "adapters", "store", "logs")))),
             ("log", s["log"]),
         ]
         for k, v in rows:

@@ -28,6 +28,12 @@ class DaemonConfig:
     stop_timeout_s: float = field(
         default=120.0, metadata={"help": "warm stop: longest wait for the current step to finish or abandon, then stop cold (s)"}
     )
+    keep_versions: int = field(
+        default=20,
+        metadata={"help": "disk bound: after each learned passage and each sleep, prune wake versions beyond this many "
+                          "newest (the active one and sleep checkpoints' parents always stay, as with `seal prune`); "
+                          "0 keeps every version"},
+    )
     misfire_grace_s: float = field(
         default=300.0, metadata={"help": "APScheduler: a job run later than this (the model was busy) is skipped (s)"}
     )
@@ -40,5 +46,7 @@ class DaemonConfig:
                      "stop_timeout_s", "misfire_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.keep_versions < 0:
+            raise ValueError(f"keep_versions must be 0 or more, got {self.keep_versions}")
         if self.inbox_settle_s < 0:
             raise ValueError(f"inbox_settle_s must be 0 or more, got {self.inbox_settle_s}")

@@ -190,7 +190,25 @@ class Daemon:
             if r.outcome == "deferred":
                 self._wake_blocked_until = now + self.cfg.fault_backoff_s
                 log.warning("temporary fault: learning again in %.0f s", self.cfg.fault_backoff_s)
+        if any(r.adapter_id for r in reports):
+            self.prune()
         return reports[0] if reports else None
+
+    def prune(self) -> None:
+        """Keep the disk bounded: remove the files of wake versions beyond the
+        ``keep_versions`` newest (``AdapterRegistry.prune``: the active version and
+        every sleep checkpoint's parent stay; rows stay in the store). A failure is
+        logged, not fatal: the next cycle tries again."""
+        if not self.cfg.keep_versions:
+            return
+        try:
+            plan = self.learner.registry.prune(self.cfg.keep_versions)
+        except Exception:
+            log.exception("automatic prune failed")
+            return
+        if plan.remove:
+            log.info("pruned %d adapter versions (%d bytes), keeping the %d newest",
+                     len(plan.remove), plan.bytes, self.cfg.keep_versions)
 
     def next_sleep(self, now: float | None = None, store: Store | None = None) -> schedules.Due:
         now = self._now(now)
@@ -241,6 +259,7 @@ class Daemon:
             log.warning("the sleep recorded no report (%s): next try in %.0f s", outcome, self.cfg.sleep_retry_s)
         seconds = time.perf_counter() - t0
         log.info("sleep %s in %.1f s: %s", outcome, seconds, error or getattr(result, "reason", result))
+        self.prune()
         return SleepRun(trigger, outcome, reason, result, error, seconds)
 
     def _reload(self) -> None:

@@ -256,6 +256,26 @@ def stop_daemon(home: Home, timeout_s: float, now: bool = False) -> tuple[int, s
     raise DaemonError(f"pid {pid} did not stop, even after SIGKILL")
 
 
+def disk_use(home: Home) -> dict[str, int]:
+    """Bytes on disk under the home: adapter versions, the store (with its WAL), logs,
+    and all of it (the inbox and the rest included)."""
+    def size(path: Path) -> int:
+        if path.is_symlink() or not path.exists():
+            return 0
+        if path.is_file():
+            return path.stat().st_size
+        total = 0
+        for root, _dirs, names in os.walk(path):
+            for n in names:
+                with contextlib.suppress(OSError):
+                    f = Path(root) / n
+                    total += 0 if f.is_symlink() else f.stat().st_size
+        return total
+
+    store = sum(size(home.store_file.with_name(home.store_file.name + ext)) for ext in ("", "-wal", "-shm"))
+    return {"adapters": size(home.adapters), "store": store, "logs": size(home.logs), "total": size(home.root)}
+
+
 def daemon_status(home: Home, now: float | None = None) -> dict:
     """Everything `seal daemon status` shows; reads only (creates no store)."""
     now = time.time() if now is None else now
@@ -266,7 +286,7 @@ def daemon_status(home: Home, now: float | None = None) -> dict:
         out.update({k: info.get(k) for k in ("pid", "host", "started_at", "model")})
         out["uptime_s"] = now - info["started_at"] if info.get("started_at") else None
     out.update({"active_adapter": None, "queue": None, "heartbeat_at": None, "heartbeat_age_s": None,
-                "activity": None, "next_sleep": None, "last_sleep_at": None})
+                "activity": None, "next_sleep": None, "last_sleep_at": None, "disk": disk_use(home)})
     if home.store_file.exists():
         from adapters.names import KNOWLEDGE
         from store import Store
