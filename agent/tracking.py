@@ -265,14 +265,20 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def forgetting_summary(store) -> dict:
+def forgetting_summary(store, versions: int | None = 50, passages: int | None = 50) -> dict:
     """The forgetting matrix (rows: the base, then knowledge versions in order;
     columns: learned passages in the order they were learned; cells: probe accuracy
     and answer log-likelihood, the latest measurement), and from it, per passage:
     at-learning (under the version that learned it), best and current (over the
     versions since, up to the active one), forgetting = best - current; overall:
     average accuracy (mean current), backward transfer (mean current - at-learning,
-    all but the last learned passage) and retention (mean current / mean at-learning)."""
+    all but the last learned passage) and retention (mean current / mean at-learning).
+
+    The matrix and ``per_passage`` are a window: the ``versions`` newest versions (and
+    the base) and the ``passages`` last learned (None: all); ``window`` says how many
+    of each there are. The overall figures are over every learned passage. The cost is
+    linear in the stored probe measurements, never versions x passages (10,000 of each
+    would be 10^8 cells)."""
     adapters = store.adapters(KNOWLEDGE)
     active = store.active_adapter_id(KNOWLEDGE)
     version = {a["id"]: a["version"] for a in adapters}
@@ -281,45 +287,53 @@ def forgetting_summary(store) -> dict:
     for a in adapters:
         if a["kind"] == "wake" and a["passage_id"] is not None and a["status"] != "rolled_back":
             learned_by.setdefault(a["passage_id"], a["id"])
-    passages = list(learned_by)  # in the order of the versions that learned them
+    learned = list(learned_by)  # in the order of the versions that learned them
     cells: dict[tuple[str | None, int], dict] = {}
     for e in store.probe_matrix():
         cells[(e["adapter_id"], e["passage_id"])] = e  # oldest first: the latest wins
-    rows = ([{"id": None, "version": 0, "kind": "base", "status": "base", "active": active is None}]
-            if any(k[0] is None for k in cells) else [])
-    rows += [{"id": a["id"], "version": a["version"], "kind": a["kind"], "status": a["status"],
-              "active": a["id"] == active} for a in adapters]
-    acc = [[(cells.get((r["id"], p)) or {}).get("accuracy") for p in passages] for r in rows]
-    lp = [[(cells.get((r["id"], p)) or {}).get("logprob") for p in passages] for r in rows]
+    by_passage: dict[int, list[tuple[int, float, float | None]]] = {}
+    for (aid, pid), e in cells.items():
+        if aid is not None and aid in version and e.get("accuracy") is not None:
+            by_passage.setdefault(pid, []).append((version[aid], e["accuracy"], e.get("logprob")))
 
     per = []
-    for j, pid in enumerate(passages):
+    titles = store.passage_titles(learned)
+    for pid in learned:
         v0 = version[learned_by[pid]]
-        since = [(r["version"], acc[i][j], lp[i][j]) for i, r in enumerate(rows)
-                 if r["id"] is not None and v0 <= r["version"] <= active_v and acc[i][j] is not None]
+        since = sorted((c for c in by_passage.get(pid, []) if v0 <= c[0] <= active_v), key=lambda c: c[0])
         at = next(((a, ll) for v, a, ll in since if v == v0), (None, None))
         cur = (since[-1][1], since[-1][2]) if since else (None, None)
         best = max((a for _, a, _ in since), default=None)
-        p = store.passage(pid) or {}
         per.append({
-            "passage_id": pid, "title": p.get("title") or "", "learned_by": learned_by[pid],
+            "passage_id": pid, "title": titles.get(pid) or "", "learned_by": learned_by[pid],
             "at_learning": at[0], "best": best, "current": cur[0],
             "forgetting": None if best is None or cur[0] is None else best - cur[0],
             "logprob_at_learning": at[1], "logprob_current": cur[1],
         })
+    shown = per if passages is None else per[-passages:] if passages else []
+    cols = [r["passage_id"] for r in shown]
+    kept = adapters if versions is None else adapters[-versions:] if versions else []
+    rows = ([{"id": None, "version": 0, "kind": "base", "status": "base", "active": active is None}]
+            if any(k[0] is None for k in cells) else [])
+    rows += [{"id": a["id"], "version": a["version"], "kind": a["kind"], "status": a["status"],
+              "active": a["id"] == active} for a in kept]
+    acc = [[(cells.get((r["id"], p)) or {}).get("accuracy") for p in cols] for r in rows]
+    lp = [[(cells.get((r["id"], p)) or {}).get("logprob") for p in cols] for r in rows]
     both = [r for r in per if r["at_learning"] is not None and r["current"] is not None]
     currents = [r["current"] for r in per if r["current"] is not None]
     mean_at = _mean([r["at_learning"] for r in both])
     mean_cur_both = _mean([r["current"] for r in both])
-    bwt = _mean([r["current"] - r["at_learning"] for r in both if r["passage_id"] != passages[-1]]) if both else None
+    bwt = _mean([r["current"] - r["at_learning"] for r in both if r["passage_id"] != learned[-1]]) if both else None
     d = [r for r in store.drift() if r["adapter_id"] == active]
     latest_mem = {m["passage_id"]: m for m in store.memorisation() if m["adapter_id"] == active}
     return {
         "adapters": rows,
-        "passages": [{"id": r["passage_id"], "title": r["title"]} for r in per],
+        "passages": [{"id": r["passage_id"], "title": r["title"]} for r in shown],
         "accuracy": acc,
         "logprob": lp,
-        "per_passage": per,
+        "per_passage": shown,
+        "window": {"versions": len(kept), "of_versions": len(adapters), "passages": len(shown),
+                   "of_passages": len(per)},
         "average_accuracy": _mean(currents),
         "mean_at_learning": mean_at,
         "backward_transfer": bwt,

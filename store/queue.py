@@ -153,6 +153,16 @@ class QueueStore:
     def passage(self, passage_id: int) -> dict | None:
         return self._one("SELECT * FROM passages WHERE id = ?", [passage_id])
 
+    def passage_titles(self, passage_ids: list[int]) -> dict[int, str]:
+        """id -> title of the given passages, in batches (one query per 500 ids)."""
+        out: dict[int, str] = {}
+        ids = list(dict.fromkeys(passage_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update((r["id"], r["title"]) for r in self._rows(f"SELECT id, title FROM passages WHERE id IN ({marks})", chunk))
+        return out
+
     def passages(self, limit: int | None = None) -> list[dict]:
         sql = "SELECT * FROM passages ORDER BY id"
         return self._rows(sql + (f" LIMIT {int(limit)}" if limit else ""))

@@ -143,6 +143,32 @@ def test_seal_forgetting_splits_many_passages_into_blocks_of_columns(seal, home)
     assert [c for h in headers for c in h.split()[1:]] == [f"#{i}" for i in range(1, 21)]
 
 
+def test_the_forgetting_matrix_is_a_window_and_the_overall_figures_cover_all(seal, home):
+    # at 10,000 versions x 10,000 passages the whole matrix would be 10^8 cells
+    # (`seal forgetting --json` was killed at 21.5 GB): it shows a window
+    with Store(home / "store.db") as store:
+        store.ingest(_docs(12))
+        for v in range(1, 13):
+            aid = _adapter(store, v, "wake", v)
+            for p in range(1, v + 1):
+                _probe(store, aid, p, 1.0 if p == v else 0.5)
+        whole = forgetting_summary(store, versions=None, passages=None)
+        s = forgetting_summary(store, versions=4, passages=3)
+    assert [a["version"] for a in s["adapters"]] == [9, 10, 11, 12]
+    assert [p["id"] for p in s["passages"]] == [10, 11, 12] == [p["passage_id"] for p in s["per_passage"]]
+    assert len(s["accuracy"]) == 4 and all(len(row) == 3 for row in s["accuracy"])
+    assert s["accuracy"][-1] == [0.5, 0.5, 1.0] and s["accuracy"][0] == [None, None, None]
+    assert s["per_passage"] == whole["per_passage"][-3:]
+    assert s["window"] == {"versions": 4, "of_versions": 12, "passages": 3, "of_passages": 12}
+    for k in ("average_accuracy", "mean_at_learning", "backward_transfer", "retention"):
+        assert s[k] == whole[k]
+    assert whole["average_accuracy"] == pytest.approx((11 * 0.5 + 1.0) / 12)
+    r = seal("forgetting", "--json", "--versions", "2", "--passages", "5")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data["adapters"]) == 2 and len(data["passages"]) == 5 and data["window"]["of_passages"] == 12
+
+
 def test_seal_forgetting_without_a_store(seal, home):
     r = seal("forgetting")
     assert (r.exit_code, r.stdout.strip()) == (0, "nothing learned yet")

@@ -69,8 +69,12 @@ def history(app: App, as_json: bool, name: str, tree: bool) -> None:
 
 @click.command(cls=SealCommand)
 @click.option("--json", "as_json", is_flag=True, help="print JSON (matrix, per-passage and overall summary)")
+@click.option("--versions", type=click.IntRange(min=0), default=50, show_default=True,
+              help="matrix rows: the newest versions shown (0: none; the overall figures cover all)")
+@click.option("--passages", type=click.IntRange(min=0), default=50, show_default=True,
+              help="matrix columns and per-passage rows: the passages learned last")
 @pass_app
-def forgetting(app: App, as_json: bool) -> None:
+def forgetting(app: App, as_json: bool, versions: int, passages: int) -> None:
     """The forgetting matrix (probe accuracy of each learned passage under each
     adapter version) and what it says: at-learning, best, current, forgetting."""
     from ..tracking import forgetting_summary
@@ -78,7 +82,7 @@ def forgetting(app: App, as_json: bool) -> None:
     if not app.home.store_file.exists():
         click.echo("{}" if as_json else "nothing learned yet")
         return
-    s = forgetting_summary(app.store)
+    s = forgetting_summary(app.store, versions, passages)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
