@@ -265,6 +265,11 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _last(xs: list, n: int | None) -> list:
+    """The last ``n`` of ``xs`` (None: all of them)."""
+    return xs if n is None else xs[max(len(xs) - n, 0):]
+
+
 def forgetting_summary(store, versions: int | None = 50, passages: int | None = 50) -> dict:
     """The forgetting matrix (rows: the base, then knowledge versions in order;
     columns: learned passages in the order they were learned; cells: probe accuracy
@@ -310,9 +315,9 @@ def forgetting_summary(store, versions: int | None = 50, passages: int | None = 
             "forgetting": None if best is None or cur[0] is None else best - cur[0],
             "logprob_at_learning": at[1], "logprob_current": cur[1],
         })
-    shown = per if passages is None else per[-passages:] if passages else []
+    shown = _last(per, passages)
     cols = [r["passage_id"] for r in shown]
-    kept = adapters if versions is None else adapters[-versions:] if versions else []
+    kept = _last(adapters, versions)
     rows = ([{"id": None, "version": 0, "kind": "base", "status": "base", "active": active is None}]
             if any(k[0] is None for k in cells) else [])
     rows += [{"id": a["id"], "version": a["version"], "kind": a["kind"], "status": a["status"],

@@ -38,6 +38,16 @@ def _docs(n: int) -> list:
                      [(f"What is answer {i}?", str(i * 7))]) for i in range(1, n + 1)]
 
 
+def _learned_in_turn(store: Store, n: int) -> None:
+    """n passages, version v learning passage v; each version measures every passage
+    learned so far: 1.0 on its own, 0.5 on the older ones."""
+    store.ingest(_docs(n))
+    for v in range(1, n + 1):
+        aid = _adapter(store, v, "wake", v)
+        for p in range(1, v + 1):
+            _probe(store, aid, p, 1.0 if p == v else 0.5)
+
+
 @pytest.fixture
 def built(home) -> Store:
     """Three passages learned by v1-v3, a sleep (v4, active), and a rolled-back v5."""
@@ -129,11 +139,7 @@ def test_seal_forgetting_fits_80_columns_and_prints_json(built, seal, home):
 
 def test_seal_forgetting_splits_many_passages_into_blocks_of_columns(seal, home):
     with Store(home / "store.db") as store:
-        store.ingest(_docs(20))
-        for v in range(1, 21):
-            aid = _adapter(store, v, "wake", v)
-            for p in range(1, v + 1):
-                _probe(store, aid, p, 1.0 if p == v else 0.5)
+        _learned_in_turn(store, 20)
     r = seal("forgetting")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
@@ -147,11 +153,7 @@ def test_the_forgetting_matrix_is_a_window_and_the_overall_figures_cover_all(sea
     # at 10,000 versions x 10,000 passages the whole matrix would be 10^8 cells
     # (`seal forgetting --json` was killed at 21.5 GB): it shows a window
     with Store(home / "store.db") as store:
-        store.ingest(_docs(12))
-        for v in range(1, 13):
-            aid = _adapter(store, v, "wake", v)
-            for p in range(1, v + 1):
-                _probe(store, aid, p, 1.0 if p == v else 0.5)
+        _learned_in_turn(store, 12)
         whole = forgetting_summary(store, versions=None, passages=None)
         s = forgetting_summary(store, versions=4, passages=3)
     assert [a["version"] for a in s["adapters"]] == [9, 10, 11, 12]

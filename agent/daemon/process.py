@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -257,27 +258,30 @@ def stop_daemon(home: Home, timeout_s: float, now: bool = False) -> tuple[int, s
 
 
 def disk_use(home: Home) -> dict[str, int]:
-    """Bytes on disk under the home: adapter versions, the store (with its WAL), logs,
-    and all of it (the inbox and the rest included)."""
-    def size(path: Path) -> int:
-        if path.is_symlink() or not path.exists():
-            return 0
-        if path.is_file():
-            return path.stat().st_size
-        total = 0
-        for root, _dirs, names in os.walk(path):
-            for n in names:
-                with contextlib.suppress(OSError):
-                    f = Path(root) / n
-                    total += 0 if f.is_symlink() else f.stat().st_size
-        return total
+    """Bytes on disk under the home, in one walk: adapter versions, the store (with its
+    WAL), logs, and all of it (the inbox and the rest included). Links are not followed."""
+    out = {"adapters": 0, "store": 0, "logs": 0, "total": 0}
+    store_files = {home.store_file.name + ext for ext in ("", "-wal", "-shm")}
+    for root, _dirs, names in os.walk(home.root):
+        top = os.path.relpath(root, home.root).split(os.sep)[0]
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(root, n))
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            out["total"] += st.st_size
+            if top in ("adapters", "logs"):
+                out[top] += st.st_size
+            elif top == "." and n in store_files:
+                out["store"] += st.st_size
+    return out
 
-    store = sum(size(home.store_file.with_name(home.store_file.name + ext)) for ext in ("", "-wal", "-shm"))
-    return {"adapters": size(home.adapters), "store": store, "logs": size(home.logs), "total": size(home.root)}
 
-
-def daemon_status(home: Home, now: float | None = None) -> dict:
-    """Everything `seal daemon status` shows; reads only (creates no store)."""
+def daemon_status(home: Home, now: float | None = None, disk: bool = True) -> dict:
+    """Everything `seal daemon status` shows; reads only (creates no store). ``disk``:
+    walk the home for its disk use (the dashboard, redrawn every 2 s, does not)."""
     now = time.time() if now is None else now
     info = running(home)
     out: dict = {"running": info is not None, "home": str(home.root), "log": str(home.logs / LOG_NAME),
@@ -286,7 +290,7 @@ def daemon_status(home: Home, now: float | None = None) -> dict:
         out.update({k: info.get(k) for k in ("pid", "host", "started_at", "model")})
         out["uptime_s"] = now - info["started_at"] if info.get("started_at") else None
     out.update({"active_adapter": None, "queue": None, "heartbeat_at": None, "heartbeat_age_s": None,
-                "activity": None, "next_sleep": None, "last_sleep_at": None, "disk": disk_use(home)})
+                "activity": None, "next_sleep": None, "last_sleep_at": None, "disk": disk_use(home) if disk else None})
     if home.store_file.exists():
         from adapters.names import KNOWLEDGE
         from store import Store

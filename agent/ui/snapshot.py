@@ -70,7 +70,7 @@ def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_li
 
     now = time.time() if now is None else now
     snap = Snapshot(home=str(home.root), taken_at=now)
-    snap.status = daemon_status(home, now=now)
+    snap.status = daemon_status(home, now=now, disk=False)
     snap.log_tail = tail(home.logs / LOG_NAME, log_lines)
     if store is None:
         return snap
