@@ -14,35 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from adapters import files
 from adapters.lora import LoraConfig
 from adapters.registry import AdapterRegistry
 from agent.learner import Learner
-from agent.runtime import Runtime
+from agent.runtime import Runtime, tiny_llama  # noqa: F401  (the tiny model the tests share)
 from agent.wake import WakeConfig
 from policies.config import PolicyConfig
 from store import NewDocument, NewPassage, NewQuestion, Store
 
 REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO / "tests" / "data" / "squad_small.json"  # 8 SQuAD dev passages (tests/data/README.md)
-
-
-# ------------------------------------------------------------------ the tiny model
-def tiny_llama(tokenizer, seed: int = 0):
-    """A 2-layer, 16-wide Llama with the real tokenizer's vocabulary: fast, deterministic
-    (TRL's habit: built from a config)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 # ------------------------------------------------------------- fast configurations

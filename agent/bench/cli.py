@@ -214,6 +214,8 @@ def bench_show(result_file: str) -> None:
         _print_continual(result)
     elif kind == "speed":
         _print_speed(result)
+    elif kind == "scale":
+        _print_scale(result)
     else:
         fail(f"{result_file}: not a `seal bench squad` or `seal bench continual` result")
 
@@ -416,6 +418,44 @@ def bench_views(versions: int, passages: int | None, repeat: int, out_path: str 
     if out_path:
         Path(out_path).write_text(json.dumps(result, indent=1), encoding="utf-8")
         click.echo(f"wrote {out_path}")
+
+
+@bench.command("scale")
+@click.option("--passages", "largest", default=10000, show_default=True, type=click.IntRange(min=10),
+              help="the largest store: sizes 10, 100, ... up to this many learned passages")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="runs per operation (the median)")
+@click.option("--seed", default=0, show_default=True, help="seeds the synthetic store")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/scale-<passages>.json)")
+@pass_app
+def bench_scale(app: App, largest: int, repeat: int, seed: int, out_path: str | None) -> None:
+    """Time and peak memory of the daemon's step, a sleep, the commands and the TUI on
+    synthetic stores of 10 to 10,000 learned passages (a tiny model: the store is the
+    point), with the log-log slope of each."""
+    from .scale import run_scale
+
+    sizes = tuple(10 ** k for k in range(1, 10) if 10 ** k <= largest)
+    sizes += (largest,) if largest not in sizes else ()
+    target = Path(out_path) if out_path else Path("bench-out") / f"scale-{largest}.json"
+    with _progress(len(sizes)) as (say, tick):
+        result = run_scale(app.cfg, sizes=sizes, repeat=repeat, seed=seed, say=say,
+                           on_size=lambda i: tick(i, len(sizes)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    _print_scale(result)
+    from .scale import plot
+
+    png = plot(result, target.with_suffix(".png"))
+    click.echo(f"wrote {target}" + (f" and {png}" if png else ""))
+
+
+def _print_scale(result: dict) -> None:
+    from .scale import render
+
+    for piece in render(result):
+        if isinstance(piece, str):
+            click.echo(piece)
+        else:
+            print_table(piece)
 
 
 class _progress:

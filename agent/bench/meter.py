@@ -142,6 +142,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), else the process's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory since the last reset (VmHWM), else the process's peak."""
     try:

@@ -21,9 +21,11 @@ from pathlib import Path
 from rich.console import Console
 
 from adapters.names import KNOWLEDGE
+from policies.consolidation import measured_sample
 from store import NewDocument, NewPassage, NewQuestion, Store
 
 from ..home import Home
+from ..sleep import SleepConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +36,21 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def sample_store(store: Store, versions: int, passages: int | None = None, *, sleep_every: int = 8,
-                 rollback_every: int = 0, candidates: int = 4, forgetting_sample: int = 4, seed: int = 0,
-                 start: float = 1.7e9) -> dict:
-    """Fill an empty store with ``versions`` knowledge versions (wake commits, a sleep
-    every ``sleep_every`` commits, a rollback every ``rollback_every`` versions that
-    leaves a rolled-back branch) learned from ``passages`` passages (default: one per
-    wake version, plus 5 left queued). Returns counts. Numbers are seeded, not measured."""
+def sample_store(store: Store, versions: int | None, passages: int | None = None, *, learned: int | None = None,
+                 sleep_every: int = 8, rollback_every: int = 0, candidates: int = 4, forgetting_sample: int = 4,
+                 measure_budget: int = 32, sha256: str | None = None, seed: int = 0, start: float = 1.7e9) -> dict:
+    """Fill an empty store with ``versions`` knowledge versions, or as many as it takes
+    to learn ``learned`` passages (wake commits, a sleep every ``sleep_every`` commits
+    that measures ``measure_budget`` learned passages as a real sleep does, a rollback
+    every ``rollback_every`` versions that leaves a rolled-back branch) from
+    ``passages`` passages (default: enough, plus 5 left queued). Every version gets
+    the checksum ``sha256`` (default: one of its id). Returns counts. Numbers are
+    seeded, not measured."""
     rng = random.Random(seed)
-    n_pass = passages if passages is not None else versions + 5
+    if (versions is None) == (learned is None):
+        raise ValueError("give versions or learned, not both")
+    n_pass = passages if passages is not None else (versions if learned is None else learned * 5 // 4) + 5
+    sha = (lambda _aid: sha256) if sha256 else _sha
     docs = []
     for i in range(1, n_pass + 1):
         text = f"Passage {i} of the sample says that the value of item {i} is {i * 7} and its colour is hue {i % 11}."
@@ -53,12 +61,12 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
     store.ingest(docs, now=start)
     jobs = {j["passage_id"]: j["id"] for j in store.jobs(("pending",), limit=-1)}
     t = start
-    learned: list[int] = []
+    learned_ids: list[int] = []
     next_pid = 1
     parent: str | None = None
     version = 0
     commits = 0
-    while version < versions and next_pid <= n_pass:
+    while (version < versions if learned is None else len(learned_ids) < learned) and next_pid <= n_pass:
         t += 60.0
         pid = next_pid
         next_pid += 1
@@ -88,8 +96,8 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
                   "logprob": base, "n": 2},
                  {"adapter_id": aid, "passage_id": pid, "kind": "probe", "accuracy": at_learning,
                   "f1": at_learning, "logprob": base + 1, "n": 2}]
-        for k in range(min(forgetting_sample, len(learned))):
-            old = learned[(commits * forgetting_sample + k) % len(learned)]
+        for k in range(min(forgetting_sample, len(learned_ids))):
+            old = learned_ids[(commits * forgetting_sample + k) % len(learned_ids)]
             acc = rng.choice((0.0, 0.5, 0.5, 1.0))
             evals.append({"adapter_id": aid, "passage_id": old, "kind": "probe", "accuracy": acc, "f1": acc,
                           "logprob": -1.5 + acc, "n": 2})
@@ -99,33 +107,41 @@ def sample_store(store: Store, versions: int, passages: int | None = None, *, sl
                                rs, ev, job_id=jobs.get(p), now=when)
 
         store.add_adapter({"id": aid, "name": KNOWLEDGE, "version": version, "parent_id": parent, "kind": "wake",
-                           "passage_id": pid, "path": aid, "sha256": _sha(aid), "policy": rows[best]["policy"],
+                           "passage_id": pid, "path": aid, "sha256": sha(aid), "policy": rows[best]["policy"],
                            "reward": rows[best]["reward_logprob"], "metrics": {"probe_acc": at_learning}},
                           activate=True, also=record, now=t)
         store.add_drift({"adapter_id": aid, "kl": 0.002 * version ** 0.5, "reading_acc": 0.6, "n_prompts": 16,
                          "n_reading": 18}, now=t)
         store.add_memorisation([{"adapter_id": aid, "passage_id": p, "exact": int(rng.random() < 0.1),
                                  "token_match": rng.random() * 0.4, "prefix_tokens": 32, "n_tokens": 32}
-                                for p in [pid, *learned[-3:]]], now=t)
-        learned.append(pid)
+                                for p in [pid, *learned_ids[-3:]]], now=t)
+        learned_ids.append(pid)
         parent = aid
         if rollback_every and version % rollback_every == 0 and version >= 2:
             # a bad version, rolled back: the branch stays, marked
             back = f"{KNOWLEDGE}-{version - 1:04d}"
             store.rollback(KNOWLEDGE, back, now=t + 1)
             parent = back
-        if sleep_every and commits % sleep_every == 0 and version < versions:
+        if sleep_every and commits % sleep_every == 0 and (learned is not None or version < versions):
             t += 120.0
             version += 1
-            parent = _sample_sleep(store, rng, learned, parent, version, t)
-    return {"versions": version, "passages": n_pass, "learned": len(learned)}
+            parent = _sample_sleep(store, rng, learned_ids, parent, version, t, commits // sleep_every - 1,
+                                   measure_budget, sha)
+    roles = {}  # as a wake cycle splits them: half reward, half probe (what sleeps and tracking measure)
+    for pid in learned_ids:
+        qs = store.questions(pid)
+        roles |= {q["id"]: "reward" if k < len(qs) // 2 else "probe" for k, q in enumerate(qs)}
+    store.set_question_roles(roles)
+    return {"versions": version, "passages": n_pass, "learned": len(learned_ids)}
 
 
 def _sample_sleep(store: Store, rng: random.Random, learned: list[int], parent: str | None, version: int,
-                  t: float) -> str:
-    """A kept sleep of the sample store: its version, report and retention row."""
+                  t: float, round_: int, budget: int, sha) -> str:
+    """A kept sleep of the sample store: its version, report and the evaluations of
+    the passages a real sleep would measure (``measured_sample``)."""
     sid = f"{KNOWLEDGE}-{version:04d}"
-    scores = {p: rng.choice((0.5, 1.0, 1.0)) for p in learned}
+    cfg = SleepConfig()
+    scores = {p: rng.choice((0.5, 1.0, 1.0)) for p in measured_sample(learned, budget, cfg.recent, round_, cfg.seed)}
     before = {"retention": 0.6, "logprob": -1.2, "drift_kl": 0.01, "reading_acc": 0.6, "memorisation": 0.05,
               "n_passages": len(learned)}
     after = {**before, "retention": sum(scores.values()) / len(scores), "logprob": -1.0}
@@ -139,7 +155,7 @@ def _sample_sleep(store: Store, rng: random.Random, learned: list[int], parent: 
                                 "f1": acc, "logprob": -1.0, "n": 2} for p, acc in scores.items()], now=t)
 
     store.add_adapter({"id": sid, "name": KNOWLEDGE, "version": version, "parent_id": parent,
-                       "kind": "sleep", "passage_id": None, "path": sid, "sha256": _sha(sid),
+                       "kind": "sleep", "passage_id": None, "path": sid, "sha256": sha(sid),
                        "policy": "replay", "reward": None,
                        "metrics": {"sleep": True, "retention_before": 0.6, "retention_after": after["retention"]}},
                       activate=True, also=record_sleep, now=t)
