@@ -28,10 +28,10 @@ TMP_PREFIX = ".tmp-"
 
 @dataclass(frozen=True)
 class PrunePlan:
-    """What ``prune`` removes and why the other wake versions stay."""
+    """What ``prune`` removes and why the other versions stay."""
 
     remove: list[dict] = field(default_factory=list)  # id, path, version, bytes
-    kept: dict[str, str] = field(default_factory=dict)  # wake version id -> why it stays
+    kept: dict[str, str] = field(default_factory=dict)  # version id -> why it stays
 
     @property
     def bytes(self) -> int:
@@ -136,12 +136,12 @@ class AdapterRegistry:
     def recover(self) -> list[str]:
         """Remove what a crash left behind: temp dirs of unfinished saves, and folders
         with no row in the store (renamed, but the transaction never committed). A
-        folder with a row is never touched. Run it at start, before any commit."""
-        known = {row["path"] for row in self.store.adapters()}
+        folder with a row is never touched. Run it at start, before any commit. It
+        reads only the rows of the folders on disk (a few, when pruning runs)."""
+        entries = [e for e in sorted(self.root.iterdir()) if e.is_dir() and not e.is_symlink()]
+        known = self.store.known_paths(e.name for e in entries if not e.name.startswith(TMP_PREFIX))
         removed = []
-        for entry in sorted(self.root.iterdir()):
-            if not entry.is_dir() or entry.is_symlink():
-                continue
+        for entry in entries:
             if entry.name.startswith(TMP_PREFIX) or entry.name not in known:
                 shutil.rmtree(entry)
                 removed.append(entry.name)
@@ -156,46 +156,54 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {row['id']}: path {row['path']!r} is outside {self.root}")
         return folder
 
-    def prune_plan(self, keep: int) -> PrunePlan:
-        """Which wake versions' files ``prune(keep)`` removes. Only wake versions are
-        ever removed, and of each adapter name all but these stay:
+    def prune_plan(self, keep: int, keep_sleeps: int = 0) -> PrunePlan:
+        """Which versions' files ``prune(keep, keep_sleeps)`` removes. Of each adapter
+        name these stay:
 
-        - the ``keep`` newest wake versions (by version number, whatever their status);
+        - the ``keep`` newest wake versions not yet pruned (by version number,
+          whatever their status);
+        - the ``keep_sleeps`` newest checkpoints (sleep and editor versions); all of
+          them when ``keep_sleeps`` is 0;
         - the active version;
-        - every version that is *referenced*: named as the parent of a version that is
-          not a wake version (a sleep checkpoint's parent is the version the sleep
-          consolidated, the rollback point should the sleep turn out bad; an editor
-          version's parent likewise).
+        - every version *referenced* by a checkpoint that stays: named as its parent
+          (a sleep checkpoint's parent is the version the sleep consolidated, the
+          rollback point should the sleep turn out bad; an editor version's likewise).
 
         A wake child does not reference its wake parent: each version's file is a
         complete LoRA state, not a delta, so no kept version needs its parent's files
-        (the lineage itself stays in the store). Sleep checkpoints and editor versions
-        are never removed. Versions already marked pruned whose folder is still there
-        (a prune interrupted between the store and the disk) are finished off."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        rows = self.store.adapters()
+        (the lineage itself stays in the store). Versions already marked pruned whose
+        folder is still there (a prune interrupted between the store and the disk) are
+        finished off. Only the rows not yet pruned and those of folders on disk are
+        read, so the plan costs the same at 10 versions and at 10,000."""
+        if keep < 0 or keep_sleeps < 0:
+            raise ValueError("keep and keep_sleeps must be >= 0")
+        on_disk = [e.name for e in self.root.iterdir() if e.is_dir() and not e.name.startswith(TMP_PREFIX)]
+        rows = self.store.adapters_to_plan(on_disk)
         active = set(self.store.active_adapters().values())
-        referenced = {r["parent_id"]: r["id"] for r in rows if r["kind"] != "wake" and r["parent_id"]}
         plan = PrunePlan()
-        names = sorted({r["name"] for r in rows})
-        for name in names:
-            wake = [r for r in rows if r["name"] == name and r["kind"] == "wake"]
-            newest = {r["id"] for r in sorted(wake, key=lambda r: r["version"])[-keep:]} if keep else set()
-            for r in wake:
-                folder = self._folder(r)
-                if r["status"] == "pruned":
-                    if folder.exists():
-                        plan.remove.append(self._removal(r, folder))
-                    continue
+        for name in sorted({r["name"] for r in rows}):
+            mine = [r for r in rows if r["name"] == name and r["status"] != "pruned"]
+            wake = [r for r in mine if r["kind"] == "wake"]
+            checkpoints = [r for r in mine if r["kind"] != "wake"]
+            newest = {r["id"] for r in wake[-keep:]} if keep else set()
+            kept_checkpoints = {r["id"] for r in (checkpoints[-keep_sleeps:] if keep_sleeps else checkpoints)} | active
+            referenced = {r["parent_id"]: r["id"] for r in checkpoints if r["id"] in kept_checkpoints and r["parent_id"]}
+            for r in mine:
+                if r["kind"] != "wake" and not keep_sleeps:
+                    continue  # every checkpoint stays: not a candidate, not listed
                 if r["id"] in active:
                     plan.kept[r["id"]] = "active"
                 elif r["id"] in newest:
                     plan.kept[r["id"]] = f"one of the {keep} newest"
+                elif r["kind"] != "wake" and r["id"] in kept_checkpoints:
+                    plan.kept[r["id"]] = f"one of the {keep_sleeps} newest checkpoints"
                 elif r["id"] in referenced:
                     plan.kept[r["id"]] = f"parent of {referenced[r['id']]}"
                 else:
-                    plan.remove.append(self._removal(r, folder))
+                    plan.remove.append(self._removal(r, self._folder(r)))
+        for r in rows:
+            if r["status"] == "pruned":  # its folder is still on disk: finish it off
+                plan.remove.append(self._removal(r, self._folder(r)))
         return plan
 
     @staticmethod
@@ -204,17 +212,18 @@ class AdapterRegistry:
         return {"id": row["id"], "path": row["path"], "version": row["version"], "bytes": size,
                 "status": row["status"]}
 
-    def prune(self, keep: int) -> PrunePlan:
-        """Remove the files of the versions ``prune_plan(keep)`` names: first one store
+    def prune(self, keep: int, keep_sleeps: int = 0) -> PrunePlan:
+        """Remove the files of the versions ``prune_plan`` names: first one store
         transaction marks their rows 'pruned' and records a 'prune' event listing
         them (ids, paths, bytes), then their folders go. Rows are never deleted: the
         lineage, rewards and evaluations stay."""
-        plan = self.prune_plan(keep)
+        plan = self.prune_plan(keep, keep_sleeps)
         if not plan.remove:
             return plan
         fresh = [r for r in plan.remove if r["status"] != "pruned"]
         self.store.mark_pruned([{k: r[k] for k in ("id", "path", "bytes")} for r in plan.remove],
-                               {"keep": keep, "bytes": plan.bytes, "marked": [r["id"] for r in fresh]})
+                               {"keep": keep, "keep_sleeps": keep_sleeps, "bytes": plan.bytes,
+                                "marked": [r["id"] for r in fresh]})
         for r in plan.remove:
             shutil.rmtree(self.root / r["path"], ignore_errors=True)
             log.info("pruned %s (%d bytes)", r["id"], r["bytes"])

@@ -444,27 +444,29 @@ def export(app: App, adapter: str, dest: str, merged: bool, dtype: str) -> None:
 
 @click.command(cls=SealCommand)
 @click.option("--keep", required=True, type=click.IntRange(min=0), help="wake versions to keep, newest first")
+@click.option("--keep-sleeps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="sleep checkpoints and editor versions to keep, newest first (0: all)")
 @click.option("--dry-run", is_flag=True, help="say what would be removed, remove nothing")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (removed, kept and why)")
 @pass_app
-def prune(app: App, keep: int, dry_run: bool, as_json: bool) -> None:
-    """Remove the files of old wake versions: all but the KEEP newest, the active one
-    and those referenced (the parent of a sleep checkpoint or editor version). Sleep
-    checkpoints and editor versions are never removed; rows stay (marked pruned) and
-    the removal is recorded as an event. Refuses beside a running daemon."""
+def prune(app: App, keep: int, keep_sleeps: int, dry_run: bool, as_json: bool) -> None:
+    """Remove the files of old versions: all wake versions but the KEEP newest, the
+    active one and those referenced (the parent of a kept sleep checkpoint or editor
+    version). Checkpoints stay, all of them unless --keep-sleeps N; rows stay (marked
+    pruned) and the removal is recorded as an event. Refuses beside a running daemon."""
     if store_or_none(app) is None:
         click.echo('{"removed": [], "kept": {}}' if as_json else "nothing to prune: no adapters yet")
         return
     _take_writer_lock(app, "prune", "learning")
     registry = app.parts.registry
-    plan = registry.prune_plan(keep) if dry_run else registry.prune(keep)
+    plan = registry.prune_plan(keep, keep_sleeps) if dry_run else registry.prune(keep, keep_sleeps)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": plan.remove, "kept": plan.kept, "bytes": plan.bytes},
                               indent=1))
         return
     verb = "would remove" if dry_run else "removed"
     if not plan.remove:
-        click.echo(f"nothing to prune: {len(plan.kept)} wake version(s) kept")
+        click.echo(f"nothing to prune: {len(plan.kept)} version(s) kept")
         return
     ids = ", ".join(r["id"] for r in plan.remove)
     click.echo(f"{verb} {len(plan.remove)} version(s), {plan.bytes / 2**20:.1f} MiB: {ids}")

@@ -54,6 +54,7 @@ class EditorConfig:
     min_pairs: int = field(default=4, metadata={"help": "fewer qualifying pairs than this: the round is skipped"})
     max_pairs: int = field(default=64, metadata={"help": "most pairs trained on per round (best advantage first)"})
     per_passage: int = field(default=2, metadata={"help": "most pairs taken from one passage"})
+    window: int = field(default=1000, metadata={"help": "pairs are drawn from the self-edits of the last this many wake cycles (0: all)"})
     epochs: int = field(default=2, metadata={"help": "SFT passes over the pairs"})
     lr: float = field(default=2e-4, metadata={"help": "SFT learning rate (constant, AdamW)"})
     batch_size: int = field(default=4, metadata={"help": "pairs per SFT step"})
@@ -75,6 +76,8 @@ class EditorConfig:
             raise ValueError("need 1 <= min_pairs <= max_pairs")
         if self.per_passage < 1:
             raise ValueError("per_passage must be >= 1")
+        if self.window < 0:
+            raise ValueError("window must be >= 0 (0: every cycle)")
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 16:
             raise ValueError("epochs and batch_size must be >= 1, max_length >= 16")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -345,7 +348,7 @@ def restem_round(learner: Learner, cfg: EditorConfig, sleep_id: int | None, on_e
 
     try:
         # 1. the E-step: self-edits whose reward beat the passage-only trial by the margin
-        pairs = store.restem_pairs(cfg.margin, cfg.max_pairs, cfg.per_passage)
+        pairs = store.restem_pairs(cfg.margin, cfg.max_pairs, cfg.per_passage, cfg.window)
         usable = sft_examples(learner, pairs, cfg.max_length)
         rows = [row for _, row in usable]
         detail: dict = {"pairs": [p["candidate_id"] for p, _ in usable], "margin": cfg.margin}

@@ -179,10 +179,7 @@ def gate(before: dict, after: dict, cfg: SleepConfig) -> tuple[bool, str]:
 # ------------------------------------------------------------------ consolidating
 def commit_order(learner, learned: list[int]) -> list[int]:
     """Learned passages in the order they were committed (by their latest wake version)."""
-    last = {}
-    for a in learner.registry.list(KNOWLEDGE):
-        if a["kind"] == "wake" and a["passage_id"] is not None:
-            last[a["passage_id"]] = a["version"]
+    last = learner.store.last_wake_versions(KNOWLEDGE)
     return sorted(learned, key=lambda p: (last.get(p, 0), p))
 
 
@@ -321,9 +318,9 @@ def sleep_phase(learner, cfg: SleepConfig, editor_cfg=None, trigger: str = "manu
                  store.learned_passages())
     if not run.learned:
         return record_skip(store, cfg, trigger, "no learned passage yet", run.parent_id, now=now)
-    versions = [a["id"] for a in registry.list(KNOWLEDGE)
-                if a["status"] == "committed" and (parent is None or a["version"] <= parent["version"])]
-    n_sleeps = store.counts().get("sleeps", 0)
+    # the newest committed versions up to the active one: all a merge can combine (not the whole history)
+    versions = store.committed_versions(KNOWLEDGE, parent["version"] if parent else None, max(cfg.merge_versions, 1))
+    n_sleeps = store.sleep_count()
     seed = cfg.seed + 7919 * n_sleeps  # each sleep samples anew
     run.measured = consolidations.measured_sample(run.learned, cfg.measure_budget, cfg.recent, n_sleeps, cfg.seed)
     mix = consolidations.get(cfg.policy).plan(commit_order(learner, run.learned), versions, cfg, seed)

@@ -270,7 +270,7 @@ def _last(xs: list, n: int | None) -> list:
     return xs if n is None else xs[max(len(xs) - n, 0):]
 
 
-def forgetting_summary(store, versions: int | None = 50, passages: int | None = 50) -> dict:
+def forgetting_summary(store, versions: int | None = 50, passages: int | None = 50, overall: bool = True) -> dict:
     """The forgetting matrix (rows: the base, then knowledge versions in order;
     columns: learned passages in the order they were learned; cells: probe accuracy
     and answer log-likelihood, the latest measurement), and from it, per passage:
@@ -281,20 +281,24 @@ def forgetting_summary(store, versions: int | None = 50, passages: int | None = 
 
     The matrix and ``per_passage`` are a window: the ``versions`` newest versions (and
     the base) and the ``passages`` last learned (None: all); ``window`` says how many
-    of each there are. The overall figures are over every learned passage. The cost is
-    linear in the stored probe measurements, never versions x passages (10,000 of each
-    would be 10^8 cells)."""
-    adapters = store.adapters(KNOWLEDGE)
+    of each there are. With ``overall`` the overall figures are over every learned
+    passage, at a cost linear in the stored probe measurements (never versions x
+    passages: 10,000 of each would be 10^8 cells); without it (the dashboard, redrawn
+    every few seconds) only the window's measurements are read, the figures are over
+    the window's passages, ``window["overall"]`` is False, and the cost does not grow
+    with the store."""
     active = store.active_adapter_id(KNOWLEDGE)
-    version = {a["id"]: a["version"] for a in adapters}
-    active_v = version.get(active, 0)
-    learned_by: dict[int, str] = {}
-    for a in adapters:
-        if a["kind"] == "wake" and a["passage_id"] is not None and a["status"] != "rolled_back":
-            learned_by.setdefault(a["passage_id"], a["id"])
-    learned = list(learned_by)  # in the order of the versions that learned them
+    kept = store.adapters(KNOWLEDGE, newest=versions)
+    first, n_learned = store.first_learned(KNOWLEDGE, None if overall else passages)
+    probes = store.probe_matrix(None if overall else [r["passage_id"] for r in first])
+    version = {r["adapter_id"]: r["version"] for r in first}
+    version |= {e["adapter_id"]: e["version"] for e in probes if e["adapter_name"] == KNOWLEDGE}
+    version |= {a["id"]: a["version"] for a in kept}
+    active_v = (store.adapter(active) or {}).get("version", 0) if active else 0
+    learned_by = {r["passage_id"]: r["adapter_id"] for r in first}  # in the order of the versions that learned them
+    learned = list(learned_by)
     cells: dict[tuple[str | None, int], dict] = {}
-    for e in store.probe_matrix():
+    for e in probes:
         cells[(e["adapter_id"], e["passage_id"])] = e  # oldest first: the latest wins
     by_passage: dict[int, list[tuple[int, float, float | None]]] = {}
     for (aid, pid), e in cells.items():
@@ -317,7 +321,6 @@ def forgetting_summary(store, versions: int | None = 50, passages: int | None = 
         })
     shown = _last(per, passages)
     cols = [r["passage_id"] for r in shown]
-    kept = _last(adapters, versions)
     rows = ([{"id": None, "version": 0, "kind": "base", "status": "base", "active": active is None}]
             if any(k[0] is None for k in cells) else [])
     rows += [{"id": a["id"], "version": a["version"], "kind": a["kind"], "status": a["status"],
@@ -329,16 +332,16 @@ def forgetting_summary(store, versions: int | None = 50, passages: int | None = 
     mean_at = _mean([r["at_learning"] for r in both])
     mean_cur_both = _mean([r["current"] for r in both])
     bwt = _mean([r["current"] - r["at_learning"] for r in both if r["passage_id"] != learned[-1]]) if both else None
-    d = [r for r in store.drift() if r["adapter_id"] == active]
-    latest_mem = {m["passage_id"]: m for m in store.memorisation() if m["adapter_id"] == active}
+    d = store.drift(active) if active else []
+    latest_mem = {m["passage_id"]: m for m in store.memorisation(active)} if active else {}
     return {
         "adapters": rows,
         "passages": [{"id": r["passage_id"], "title": r["title"]} for r in shown],
         "accuracy": acc,
         "logprob": lp,
         "per_passage": shown,
-        "window": {"versions": len(kept), "of_versions": len(adapters), "passages": len(shown),
-                   "of_passages": len(per)},
+        "window": {"versions": len(kept), "of_versions": store.count_adapters(KNOWLEDGE), "passages": len(shown),
+                   "of_passages": n_learned, "overall": overall},
         "average_accuracy": _mean(currents),
         "mean_at_learning": mean_at,
         "backward_transfer": bwt,

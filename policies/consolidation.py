@@ -145,7 +145,8 @@ class Merge:
     def plan(self, learned: Sequence[int], versions: Sequence[str], knobs: Knobs, seed: int) -> Mix:
         chosen = tuple(versions)[-max(knobs.merge_versions, 0):] if knobs.merge_versions > 0 else ()
         if len(chosen) < 2:
-            return Mix(note=f"{len(versions)} committed version(s): nothing to merge")
+            return Mix(note=f"{len(chosen)} committed version(s) to merge (merge_versions {knobs.merge_versions}): "
+                            "nothing to merge")
         return Mix(versions=chosen, weights=merge_weights(knobs.merge_type, len(chosen)))
 
 

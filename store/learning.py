@@ -8,7 +8,7 @@ history, and the two acts on history: rollback and prune marks.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .clock import _now
 
@@ -51,10 +51,14 @@ class LearningStore:
 
     def learned_passages(self) -> list[int]:
         """Passages that some committed cycle learned, oldest first."""
-        rows = self._rows(
-            "SELECT DISTINCT passage_id FROM cycles WHERE outcome = 'committed' ORDER BY passage_id"
-        )
-        return [r["passage_id"] for r in rows]
+        sql = "SELECT DISTINCT passage_id FROM cycles WHERE outcome = 'committed' ORDER BY passage_id"
+        return [pid for (pid,) in self.db.execute(sql).fetchall()]
+
+    def last_wake_versions(self, name: str) -> dict[int, int]:
+        """Passage -> the version number of its latest wake version of ``name``."""
+        sql = ("SELECT passage_id, MAX(version) FROM adapters WHERE name = ? AND kind = 'wake' "
+               "AND passage_id IS NOT NULL GROUP BY passage_id")
+        return dict(self.db.execute(sql, [name]).fetchall())
 
     def evaluations(self, adapter_id: str | None = None, passage_id: int | None = None) -> list[dict]:
         sql, args = "SELECT * FROM evaluations WHERE 1 = 1", []
@@ -107,12 +111,59 @@ class LearningStore:
     def adapter(self, adapter_id: str) -> dict | None:
         return self._adapter_row(self._one("SELECT * FROM adapters WHERE id = ?", [adapter_id]))
 
-    def adapters(self, name: str | None = None) -> list[dict]:
+    def adapters(self, name: str | None = None, newest: int | None = None) -> list[dict]:
+        """Versions by name and version; with ``name``, ``newest`` keeps the last N."""
         if name is None:
             rows = self._rows("SELECT * FROM adapters ORDER BY name, version")
-        else:
+        elif newest is None:
             rows = self._rows("SELECT * FROM adapters WHERE name = ? ORDER BY version", [name])
+        else:
+            rows = self._rows("SELECT * FROM adapters WHERE name = ? ORDER BY version DESC LIMIT ?", [name, newest])[::-1]
         return [self._adapter_row(r) for r in rows]
+
+    def count_adapters(self, name: str) -> int:
+        return self._one("SELECT COUNT(*) AS n FROM adapters WHERE name = ?", [name])["n"]
+
+    def first_learned(self, name: str, last: int | None = None) -> tuple[list[dict], int]:
+        """Each learned passage with the first wake version of ``name`` that learned it
+        (rolled-back ones aside), in learning order; ``last``: only the N learned last
+        (read newest first, so that it stops after N; ``+b.name`` keeps SQLite on the
+        passage index for the earlier-version check). Rows: passage_id, adapter_id,
+        version. Also returns how many there are in all."""
+        wake = "name = ? AND kind = 'wake' AND passage_id IS NOT NULL AND status != 'rolled_back'"
+        total = self._one(f"SELECT COUNT(DISTINCT passage_id) AS n FROM adapters WHERE {wake}", [name])["n"]
+        rows = self._rows(
+            f"""SELECT a.passage_id, a.id AS adapter_id, a.version FROM adapters a
+                WHERE a.{wake.replace(" AND ", " AND a.")}
+                  AND NOT EXISTS (SELECT 1 FROM adapters b WHERE b.passage_id = a.passage_id AND +b.name = a.name
+                                  AND b.kind = 'wake' AND b.status != 'rolled_back' AND b.version < a.version)
+                ORDER BY a.version DESC LIMIT ?""", [name, -1 if last is None else last])
+        return rows[::-1], total
+
+    def adapters_to_plan(self, paths: Iterable[str] = ()) -> list[dict]:
+        """What a prune plans over: every version not yet pruned, and the pruned ones
+        whose folder name is in ``paths`` (the folders still on disk). With automatic
+        pruning this stays a few dozen rows however long the history."""
+        paths = list(paths)
+        marks = ",".join("?" * len(paths))
+        rows = self._rows(f"SELECT * FROM adapters WHERE status != 'pruned'"
+                          f"{f' OR path IN ({marks})' if paths else ''} ORDER BY name, version", paths)
+        return [self._adapter_row(r) for r in rows]
+
+    def known_paths(self, paths: Iterable[str]) -> set[str]:
+        """Which of these folder names have a row (recovery never touches those)."""
+        paths = list(paths)
+        if not paths:
+            return set()
+        rows = self._rows(f"SELECT path FROM adapters WHERE path IN ({','.join('?' * len(paths))})", paths)
+        return {r["path"] for r in rows}
+
+    def committed_versions(self, name: str, up_to: int | None, limit: int) -> list[str]:
+        """The ids of the ``limit`` newest committed versions of ``name`` at or below
+        version ``up_to`` (None: any), oldest first: what a merging sleep combines."""
+        rows = self._rows("SELECT id FROM adapters WHERE name = ? AND status = 'committed' AND (? IS NULL OR version <= ?) "
+                          "ORDER BY version DESC LIMIT ?", [name, up_to, up_to, limit])
+        return [r["id"] for r in reversed(rows)]
 
     def active_adapter_id(self, name: str) -> str | None:
         return self.get_state(f"active.{name}")
@@ -140,9 +191,10 @@ class LearningStore:
         return int(row["v"]) if row else 1
 
     # "knowledge" is adapters.names.KNOWLEDGE (the store imports nothing of the project)
-    def adapter_history(self, name: str = "knowledge") -> list[dict]:
-        """Adapter versions newest first, with their passage title, probe accuracy at
-        commit time and whether each is the active one (for `seal history`)."""
+    def adapter_history(self, name: str = "knowledge", limit: int = -1, offset: int = 0) -> list[dict]:
+        """Adapter versions newest first (``limit`` of them from ``offset``; < 0: all),
+        with their passage title, probe accuracy at commit time and whether each is the
+        active one (for `seal history`)."""
         active = self.get_state(f"active.{name}")
         rows = self._rows(
             """SELECT a.id, a.parent_id, a.kind, a.passage_id, a.policy, a.reward, a.status,
@@ -150,25 +202,30 @@ class LearningStore:
                       (SELECT e.accuracy FROM evaluations e WHERE e.adapter_id = a.id
                          AND e.passage_id = a.passage_id AND e.kind = 'probe' ORDER BY e.id LIMIT 1) AS probe_acc
                FROM adapters a LEFT JOIN passages p ON p.id = a.passage_id
-               WHERE a.name = ? ORDER BY a.version DESC""",
-            [name],
+               WHERE a.name = ? ORDER BY a.version DESC LIMIT ? OFFSET ?""",
+            [name, limit, offset],
         )
         for r in rows:
             r["active"] = r["id"] == active
         return rows
 
-    def lineage(self, name: str | None = None) -> list[dict]:
+    def lineage(self, name: str | None = None, newest: int | None = None) -> list[dict]:
         """Adapter versions oldest first (all names, or one), each with its passage's
-        title and the probe accuracy measured on that passage at commit time."""
-        rows = self._rows(
-            """SELECT a.*, p.title,
-                      (SELECT e.accuracy FROM evaluations e WHERE e.adapter_id = a.id
-                         AND e.passage_id = a.passage_id AND e.kind = 'probe' ORDER BY e.id LIMIT 1) AS probe_acc
-               FROM adapters a LEFT JOIN passages p ON p.id = a.passage_id
-               WHERE ? IS NULL OR a.name = ? ORDER BY a.name, a.version""",
-            [name, name],
-        )
-        return [self._adapter_row(r) for r in rows]
+        title and the probe accuracy measured on that passage at commit time;
+        ``newest``: only the last N versions of each name."""
+        names = [name] if name is not None else [r["name"] for r in self._rows("SELECT DISTINCT name FROM adapters")]
+        out = []
+        for n in sorted(names):
+            rows = self._rows(
+                """SELECT a.*, p.title,
+                          (SELECT e.accuracy FROM evaluations e WHERE e.adapter_id = a.id
+                             AND e.passage_id = a.passage_id AND e.kind = 'probe' ORDER BY e.id LIMIT 1) AS probe_acc
+                   FROM adapters a LEFT JOIN passages p ON p.id = a.passage_id
+                   WHERE a.name = ? ORDER BY a.version DESC LIMIT ?""",
+                [n, -1 if newest is None else newest],
+            )
+            out += [self._adapter_row(r) for r in reversed(rows)]
+        return out
 
     def active_adapters(self) -> dict[str, str]:
         """Adapter name -> its active version id."""

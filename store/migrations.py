@@ -268,3 +268,18 @@ def scale_indexes(db: Database) -> None:
     before; issue 13 measured them on a synthetic store of 10,000 learned passages)."""
     db["candidates"].create_index(["cycle_id"], if_not_exists=True)
     db["cycles"].create_index(["passage_id"], if_not_exists=True)
+
+
+@migrations(name="0006_window_indexes")
+def window_indexes(db: Database) -> None:
+    """The dashboard reads a window (the passages learned last, the newest versions,
+    the passages of the newest cycles): their probe measurements, their jobs and the
+    versions that learned them are looked up by passage."""
+    db["evaluations"].create_index(["passage_id"], if_not_exists=True)
+    db["jobs"].create_index(["passage_id"], if_not_exists=True)
+    db["adapters"].create_index(["passage_id"], if_not_exists=True)
+    # covering indexes: the learned passages (every wake cycle and sleep asks) and each
+    # passage's wake versions are read from the index alone
+    db["cycles"].create_index(["outcome", "passage_id"], if_not_exists=True)
+    db["adapters"].create_index(["name", "kind", "passage_id", "version", "status"], if_not_exists=True)
+

@@ -39,6 +39,9 @@ class SleepStore:
                 r[key] = json.loads(r[key]) if r[key] else None
         return rows
 
+    def sleep_count(self) -> int:
+        return self._one("SELECT COUNT(*) AS n FROM sleeps")["n"]
+
     def last_sleep_at(self) -> float | None:
         """When the last sleep (of any outcome but 'failed') started; None if never."""
         row = self._one("SELECT MAX(started_at) AS t FROM sleeps WHERE outcome != 'failed'")
@@ -84,12 +87,14 @@ class SleepStore:
             r["detail"] = json.loads(r["detail"]) if r["detail"] else None
         return rows
 
-    def restem_pairs(self, margin: float, limit: int, per_passage: int) -> list[dict]:
+    def restem_pairs(self, margin: float, limit: int, per_passage: int, window: int = 0) -> list[dict]:
         """(passage -> self-edit) pairs for ReST-EM: candidates whose selecting reward
         (``reward``; ``reward_logprob`` for rows written before it was recorded) beats
         the passage-only trial of the same cycle by more than ``margin`` (the no-update
         baseline, i.e. 0, when the cycle has no scored passage-only trial). Identical
         texts count once; at most ``per_passage`` per passage; best advantage first.
+        Only the candidates of the last ``window`` cycles are read (0: every cycle), so
+        that a sleep's E-step costs the same at 10,000 learned passages as at 1,000.
         Each row: candidate_id, cycle_id, passage_id, title, passage_text, policy,
         text, reward, passage_reward (NULL: none), advantage."""
         return self._rows(
@@ -101,7 +106,8 @@ class SleepStore:
                                AND COALESCE(po.reward, po.reward_logprob) IS NOT NULL
                              ORDER BY po.idx LIMIT 1) AS passage_reward
                    FROM candidates c
-                   WHERE c.policy != 'passage' AND COALESCE(c.reward, c.reward_logprob) IS NOT NULL
+                   WHERE c.cycle_id > (SELECT COALESCE(MAX(id), 0) FROM cycles) - ?
+                     AND c.policy != 'passage' AND COALESCE(c.reward, c.reward_logprob) IS NOT NULL
                      AND TRIM(COALESCE(c.text, '')) != ''),
                kept AS (
                    SELECT s.*, s.reward - COALESCE(s.passage_reward, 0.0) AS advantage,
@@ -118,7 +124,7 @@ class SleepStore:
                FROM ranked r JOIN passages p ON p.id = r.passage_id
                WHERE r.rank <= ?
                ORDER BY r.advantage DESC, r.candidate_id LIMIT ?""",
-            [margin, per_passage, limit],
+            [window if window > 0 else 1 << 62, margin, per_passage, limit],
         )
 
     def restem_heldout(self, exclude: Iterable[int], limit: int) -> list[dict]:
@@ -148,8 +154,11 @@ class SleepStore:
         with self.db.atomic():
             self.db["drift"].insert({"at": _now(now), **row})
 
-    def drift(self, adapter_id: str | None = None) -> list[dict]:
+    def drift(self, adapter_id: str | None = None, last: int | None = None) -> list[dict]:
+        """Drift rows oldest first: all, the ``last`` N, or those of one adapter."""
         if adapter_id is None:
+            if last is not None:
+                return self._rows("SELECT * FROM drift ORDER BY id DESC LIMIT ?", [last])[::-1]
             return self._rows("SELECT * FROM drift ORDER BY id")
         return self._rows("SELECT * FROM drift WHERE adapter_id = ? ORDER BY id", [adapter_id])
 
@@ -163,12 +172,13 @@ class SleepStore:
             return self._rows("SELECT * FROM memorisation ORDER BY id")
         return self._rows("SELECT * FROM memorisation WHERE adapter_id = ? ORDER BY id", [adapter_id])
 
-    def probe_matrix(self) -> list[dict]:
-        """Every probe evaluation with its adapter's version (NULL adapter = base),
-        oldest first: the rows of the forgetting matrix."""
+    def probe_matrix(self, passages: Iterable[int] | None = None) -> list[dict]:
+        """Every probe evaluation (of these ``passages``; None: all) with its adapter's
+        version (NULL adapter = base), oldest first: the rows of the forgetting matrix."""
+        ids = None if passages is None else sorted(set(passages))
+        where = "" if ids is None else f" AND e.passage_id IN ({','.join('?' * len(ids))})"
         return self._rows(
-            """SELECT e.adapter_id, a.version, a.kind AS adapter_kind, e.passage_id, e.accuracy,
+            f"""SELECT e.adapter_id, a.name AS adapter_name, a.version, a.kind AS adapter_kind, e.passage_id, e.accuracy,
                       e.f1, e.logprob, e.n, e.at
                FROM evaluations e LEFT JOIN adapters a ON a.id = e.adapter_id
-               WHERE e.kind = 'probe' ORDER BY e.id"""
-        )
+               WHERE e.kind = 'probe'{where} ORDER BY e.id""", ids or [])

@@ -135,6 +135,10 @@ def test_pairs_are_the_self_edits_that_beat_the_passage_only_trial_by_the_margin
     assert len(store.restem_pairs(0.05, limit=2, per_passage=100)) == 2
     assert {p["text"] for p in store.restem_pairs(0.075, 100, 100)} == {"A1", "B2", "E1"}
     assert store.restem_pairs(0.5, 100, 100) == []
+    # a window of the last cycles: only the newest passages' self-edits (e, then d and e)
+    assert {p["text"] for p in store.restem_pairs(0.05, 100, 100, window=1)} == {"E1"}
+    assert {p["text"] for p in store.restem_pairs(0.0, 100, 100, window=2)} == {"D1", "E1"}
+    assert {p["text"] for p in store.restem_pairs(0.05, 100, 100, window=5)} == {p["text"] for p in pairs}
 
 
 def test_pairs_are_ranked_by_the_reward_that_selected_when_it_is_recorded(tmp_path):

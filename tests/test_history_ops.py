@@ -175,6 +175,27 @@ def test_prune_keep_zero_still_keeps_the_active_one(history, home):
     consistent(home, history)
 
 
+def test_keep_sleeps_prunes_old_checkpoints_and_then_their_parents(home, seal):
+    """Months of sleeps: with --keep-sleeps N only the N newest checkpoints (and the
+    versions they consolidated) stay, so the disk is bounded; later plans read only the
+    rows still on disk."""
+    store = Store(home / "store.db")
+    for v in range(1, 9):  # v1 wake, v2 sleep of v1, v3 wake, v4 sleep of v3, ...
+        make_version(home, store, v, kind="sleep" if v % 2 == 0 else "wake", parent=v - 1 or None)
+    make_version(home, store, 9, parent=8)
+    r = seal("prune", "--keep", "1", "--keep-sleeps", "1", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert [x["id"] for x in plan["removed"]] == [f"knowledge-{v:04d}" for v in range(1, 7)]
+    assert plan["kept"] == {"knowledge-0007": "parent of knowledge-0008",
+                            "knowledge-0008": "one of the 1 newest checkpoints", "knowledge-0009": "active"}
+    consistent(home, store)
+    assert {a["id"] for a in store.adapters_to_plan()} == {f"knowledge-{v:04d}" for v in (7, 8, 9)}
+    r = seal("prune", "--keep", "1")  # the default keeps every checkpoint that is left
+    assert r.exit_code == 0 and "nothing to prune" in r.stdout
+    store.close()
+
+
 def test_an_interrupted_prune_is_finished_by_the_next(history, home):
     registry = AdapterRegistry(home / "adapters", history)
     plan = registry.prune_plan(3)

@@ -161,10 +161,17 @@ def test_the_forgetting_matrix_is_a_window_and_the_overall_figures_cover_all(sea
     assert len(s["accuracy"]) == 4 and all(len(row) == 3 for row in s["accuracy"])
     assert s["accuracy"][-1] == [0.5, 0.5, 1.0] and s["accuracy"][0] == [None, None, None]
     assert s["per_passage"] == whole["per_passage"][-3:]
-    assert s["window"] == {"versions": 4, "of_versions": 12, "passages": 3, "of_passages": 12}
+    assert s["window"] == {"versions": 4, "of_versions": 12, "passages": 3, "of_passages": 12, "overall": True}
     for k in ("average_accuracy", "mean_at_learning", "backward_transfer", "retention"):
         assert s[k] == whole[k]
     assert whole["average_accuracy"] == pytest.approx((11 * 0.5 + 1.0) / 12)
+    # the dashboard's read: only the window's measurements, the same window, figures over it
+    with Store(home / "store.db") as store:
+        w = forgetting_summary(store, versions=4, passages=3, overall=False)
+    assert {k: w[k] for k in ("adapters", "passages", "accuracy", "logprob", "per_passage")} == \
+        {k: s[k] for k in ("adapters", "passages", "accuracy", "logprob", "per_passage")}
+    assert w["window"] == {**s["window"], "overall": False}
+    assert w["average_accuracy"] == pytest.approx((2 * 0.5 + 1.0) / 3) != whole["average_accuracy"]
     r = seal("forgetting", "--json", "--versions", "2", "--passages", "5")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from agent.bench.views import sample_log, sample_store
 from agent.home import Home
+from agent.tracking import forgetting_summary
 from agent.ui.dashboard import Dashboard, parse_keys
 from agent.ui.fmt import SHADES, acc_color, shade, sparkline
 from agent.ui.panels import PANELS, panel
@@ -220,7 +221,8 @@ def test_hundreds_of_versions_at_80x24(many):
     home, store, counts = many
     assert counts["versions"] == 300
     dash = dashboard(home, store)
-    assert len(dash.snap.lineage) == 300
+    assert len(dash.snap.lineage) == 200  # the snapshot's window: the newest 200 versions
+    assert [a["version"] for a in dash.snap.lineage] == list(range(101, 301))
     newest = max(a["version"] for a in dash.snap.lineage)
     active = dash.snap.active["knowledge"]
     for focus in PANELS:
@@ -263,7 +265,7 @@ def test_hundreds_of_versions_at_160x48_show_every_panel(many):
 
 def test_lineage_panel_unbounded_shows_every_version(many):
     home, store, _ = many
-    snap = take_snapshot(home, store)
+    snap = take_snapshot(home, store, versions=1000)
     text, _ = draw(LineagePanel(snap), 120)
     assert len(text.strip().splitlines()) == 300
     assert text.count("rolled back") == sum(1 for a in snap.lineage if a["status"] == "rolled_back") > 0
@@ -377,3 +379,44 @@ def test_status_panel_of_a_running_daemon(one):
     dash = Dashboard(home)
     dash.snap = snap
     assert "● running, up 1h 2m" in screen(dash, 80, 24)[0][0]
+
+
+def test_the_snapshot_is_a_window_whatever_the_store_holds(many):
+    """Redrawn every 2 s, the dashboard reads a window (issue 13: at 10,000 passages the
+    whole-history snapshot took 243 s): the first rows of the passage overview are
+    those of the unbounded query, the forgetting matrix is the same window with its
+    figures over it, and the trends cover the last versions and cycles."""
+    home, store, _ = many
+    full = store.passage_overview(limit=-1)
+    for n in (1, 10, 40):
+        assert store.passage_overview(limit=n) == full[:n]
+    snap = take_snapshot(home, store, versions=30)
+    assert len(snap.lineage) == 30 and snap.lineage[-1]["version"] == 300
+    assert snap.forgetting["window"]["overall"] is False and snap.forgetting["window"]["of_passages"] > 50
+    whole = forgetting_summary(store)
+    assert snap.forgetting["per_passage"] == whole["per_passage"]
+    assert [r["id"] for r in snap.rewards] == [r["id"] for r in store.reward_series()][-30:]
+    assert [d["id"] for d in snap.drift] == [d["id"] for d in store.drift()][-30:]
+    assert len(snap.memorisation) <= 31 and snap.memorisation[-1] == store.memorisation_rates()[-1]
+
+
+def test_history_pages_newest_first(many, tmp_path):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    home, store, _ = many
+
+    def seal(*args):
+        return CliRunner().invoke(main, ["--home", str(home.root), *args], catch_exceptions=False)
+
+    r = seal("history", "--limit", "3")
+    assert r.exit_code == 0, r.output
+    assert re.findall(r"^knowledge-(\d+)", r.stdout, re.M) == ["0300", "0299", "0298"]
+    assert "3 of 300 versions shown (--offset 3 for the next" in r.stdout
+    r = seal("history", "--limit", "2", "--offset", "3")
+    assert re.findall(r"^knowledge-(\d+)", r.stdout, re.M) == ["0297", "0296"]
+    assert [x["id"] for x in json.loads(seal("history", "--json", "--limit", "0").stdout)][-1] == "knowledge-0001"
+    assert len(json.loads(seal("history", "--json").stdout)) == 50
+    assert "no versions past 400" in seal("history", "--offset", "400").stdout
+

@@ -34,6 +34,11 @@ class DaemonConfig:
                           "newest (the active one and sleep checkpoints' parents always stay, as with `seal prune`); "
                           "0 keeps every version"},
     )
+    keep_sleeps: int = field(
+        default=10,
+        metadata={"help": "disk bound: with keep_versions, also prune sleep checkpoints and editor versions beyond "
+                          "this many newest (and so their parents); 0 keeps every checkpoint"},
+    )
     misfire_grace_s: float = field(
         default=300.0, metadata={"help": "APScheduler: a job run later than this (the model was busy) is skipped (s)"}
     )

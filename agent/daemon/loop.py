@@ -196,19 +196,20 @@ class Daemon:
 
     def prune(self) -> None:
         """Keep the disk bounded: remove the files of wake versions beyond the
-        ``keep_versions`` newest (``AdapterRegistry.prune``: the active version and
-        every sleep checkpoint's parent stay; rows stay in the store). A failure is
-        logged, not fatal: the next cycle tries again."""
+        ``keep_versions`` newest and of checkpoints beyond the ``keep_sleeps`` newest
+        (``AdapterRegistry.prune``: the active version and the parents of the kept
+        checkpoints stay; rows stay in the store). A failure is logged, not fatal: the
+        next cycle tries again."""
         if not self.cfg.keep_versions:
             return
         try:
-            plan = self.learner.registry.prune(self.cfg.keep_versions)
+            plan = self.learner.registry.prune(self.cfg.keep_versions, self.cfg.keep_sleeps)
         except Exception:
             log.exception("automatic prune failed")
             return
         if plan.remove:
-            log.info("pruned %d adapter versions (%d bytes), keeping the %d newest",
-                     len(plan.remove), plan.bytes, self.cfg.keep_versions)
+            log.info("pruned %d adapter versions (%d bytes), keeping the %d newest and %d checkpoints",
+                     len(plan.remove), plan.bytes, self.cfg.keep_versions, self.cfg.keep_sleeps)
 
     def next_sleep(self, now: float | None = None, store: Store | None = None) -> schedules.Due:
         now = self._now(now)

@@ -46,25 +46,34 @@ class JobState(click.Choice):
 @click.option("--name", type=click.Choice(list(SAVED)), default=KNOWLEDGE, show_default=True,
               help="which adapter's versions")
 @click.option("--tree", is_flag=True, help="the lineage as a tree (wake commits, sleeps, rolled-back branches)")
+@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True,
+              help="versions shown, newest first (0: all; with --tree: of each adapter)")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="skip this many newest versions first (the next page)")
 @pass_app
-def history(app: App, as_json: bool, name: str, tree: bool) -> None:
-    """List adapter versions, newest first (* active, x rolled back, - pruned)."""
+def history(app: App, as_json: bool, name: str, tree: bool, limit: int, offset: int) -> None:
+    """List adapter versions, newest first (* active, x rolled back, - pruned), a page
+    at a time: --limit N (0: all) and --offset K."""
     from .panels import panel
     from .snapshot import take_snapshot
     from .views import history_table
 
     store = store_or_none(app)
-    rows = store.adapter_history(name) if store else []
+    rows = store.adapter_history(name, limit or -1, offset) if store else []
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        click.echo("no adapters yet" + (" (seal learn)" if store else ""))
+        click.echo("no adapters yet" + (" (seal learn)" if store else "") if not offset else f"no versions past {offset}")
         return
     if tree:
-        print_view(panel("lineage", take_snapshot(app.home, store)))
+        print_view(panel("lineage", take_snapshot(app.home, store, versions=limit or 1 << 62)))
         return
     print_table(history_table(rows))
+    total = store.count_adapters(name)
+    if offset + len(rows) < total:
+        click.echo(f"{offset + len(rows)} of {total} versions shown (--offset {offset + len(rows)} for the next, "
+                   "--limit 0 for all)")
 
 
 @click.command(cls=SealCommand)

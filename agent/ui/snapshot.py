@@ -61,10 +61,13 @@ def tail(path: Path, lines: int, chunk: int = 1 << 16) -> list[str]:
     return [ln for ln in data.decode("utf-8", errors="replace").splitlines() if ln.strip()][-lines:]
 
 
-def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_lines: int = 200,
+def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, versions: int = 200, log_lines: int = 200,
                   now: float | None = None) -> Snapshot:
     """Read a snapshot. ``store`` is None when the home has no store yet (nothing is
-    created: a viewer changes nothing)."""
+    created: a viewer changes nothing). It is a window, so that its cost does not grow
+    with the store: the ``passages`` most recent passages (and the forgetting matrix of
+    the ones learned last), the ``versions`` newest versions of each adapter, and the
+    trends of the last ``versions`` cycles, versions and drift measurements."""
     from ..daemon import daemon_status
     from ..tracking import forgetting_summary
 
@@ -76,7 +79,7 @@ def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_li
         return snap
     snap.has_store = True
     with store.reading():
-        snap.lineage = store.lineage()
+        snap.lineage = store.lineage(newest=versions)
         snap.active = store.active_adapters()
         snap.passages = store.passage_overview(limit=passages)
         cands = store.cycle_candidates(p["cycle_id"] for p in snap.passages if p["cycle_id"] is not None)
@@ -84,10 +87,10 @@ def take_snapshot(home: Home, store: Store | None, *, passages: int = 40, log_li
             c.pop("text", None)
             c.pop("prompt", None)
             snap.candidates.setdefault(c["cycle_id"], []).append(c)
-        snap.forgetting = forgetting_summary(store)
-        snap.rewards = store.reward_series()
-        snap.memorisation = store.memorisation_rates()
-        snap.drift = store.drift()
+        snap.forgetting = forgetting_summary(store, overall=False)
+        snap.rewards = store.reward_series(last=versions)
+        snap.memorisation = store.memorisation_rates(last=versions)
+        snap.drift = store.drift(last=versions)
         snap.sleeps = store.sleeps(limit=20)
     snap.retention = retention_series(snap.forgetting)
     return snap
