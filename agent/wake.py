@@ -49,6 +49,7 @@ class WakeConfig:
     claim_heartbeat_s: float = field(default=30.0, metadata={"help": "how often a claimed job's heartbeat is written while it is learned (s)"})
     stale_after_s: float = field(default=300.0, metadata={"help": "a claim with no heartbeat for this long is requeued (s)"})
     max_attempts: int = field(default=3, metadata={"help": "a passage that fails this often is marked failed"})
+    max_deferrals: int = field(default=20, metadata={"help": "a passage given back this often by a temporary fault (disk full, out of memory, a locked store) is marked failed; 0 = never"})
     seed: int = field(default=0, metadata={"help": "base seed of sampling and training"})
     track: bool = field(default=True, metadata={"help": "after a commit, record general drift and verbatim memorisation of the new version"})
 
@@ -307,9 +308,10 @@ def learn(learner: Learner, max_passages: int | None = None, on_event: OnEvent =
         except TEMPORARY as e:  # the machine, not the passage: give it back uncounted and back off
             log.warning("temporary fault on passage %s (%s: %s): deferred", job.passage_id, type(e).__name__, e)
             learner.reload_active()
-            learner.store.defer_job(job.id, f"{type(e).__name__}: {e}")
+            state = learner.store.defer_job(job.id, f"{type(e).__name__}: {e}", max_deferrals=learner.cfg.max_deferrals)
             p = learner.store.passage(job.passage_id) or {"title": "?"}
-            reports.append(CycleReport(job.passage_id, p["title"], "deferred", f"{type(e).__name__}: {e} (temporary)",
+            reports.append(CycleReport(job.passage_id, p["title"], "deferred",
+                                       f"{type(e).__name__}: {e} (temporary{'; job failed: deferred too often' if state == 'failed' else ''})",
                                        None, None, None, [], {}))
             if on_report:
                 on_report(reports[-1])

@@ -283,3 +283,11 @@ def window_indexes(db: Database) -> None:
     db["cycles"].create_index(["outcome", "passage_id"], if_not_exists=True)
     db["adapters"].create_index(["name", "kind", "passage_id", "version", "status"], if_not_exists=True)
 
+
+@migrations(name="0007_job_deferrals")
+def job_deferrals(db: Database) -> None:
+    """How often a temporary fault gave a job back: a deferred job waits behind fresh
+    ones, and one deferred too often is marked failed (a fault that does not go away
+    is the passage's after all), so that nothing loops for ever."""
+    db["jobs"].add_column("deferrals", int, not_null_default=0)
+    db["jobs"].create_index(["state", "deferrals", "id"], if_not_exists=True)

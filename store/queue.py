@@ -196,7 +196,9 @@ class QueueStore:
 
     # --------------------------------------------------------------------------- jobs
     def claim_next(self, worker: str, now: float | None = None, max_attempts: int | None = None) -> Job | None:
-        """Claim the oldest pending job atomically (one UPDATE ... RETURNING). With
+        """Claim the oldest pending job atomically (one UPDATE ... RETURNING); a job
+        that was deferred waits behind those that never were (the fewest deferrals
+        first). With
         ``max_attempts``, a pending job that has used up its attempts (its worker died
         on it each time: a poison passage) is marked failed first, with the reason, so
         that it cannot block the queue."""
@@ -215,30 +217,41 @@ class QueueStore:
             row = self._one(
                 """UPDATE jobs SET state = 'claimed', claimed_by = ?, heartbeat_at = ?,
                        attempts = attempts + 1, updated_at = ?
-                   WHERE id = (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1)
+                   WHERE id = (SELECT id FROM jobs WHERE state = 'pending' ORDER BY deferrals, id LIMIT 1)
                    RETURNING id, passage_id, kind, state, attempts, claimed_by, heartbeat_at""",
                 [worker, at, at],
             )
         return Job(**row) if row else None
 
-    def defer_job(self, job_id: int, error: str, now: float | None = None) -> None:
+    def defer_job(self, job_id: int, error: str, now: float | None = None, max_deferrals: int | None = None) -> str:
         """A temporary fault (disk full, out of memory, a locked database) interrupted
         the job: it goes back to pending WITHOUT counting the attempt (the passage is
-        not to blame); the error is kept for ``seal queue``."""
+        not to blame), behind the jobs never deferred; the error is kept for ``seal
+        queue``. Deferred ``max_deferrals`` times, it is marked failed instead (a fault
+        that never goes away is the passage's: `seal queue --retry` brings it back).
+        Returns the job's state."""
         at = _now(now)
         with self.db.atomic():
-            self.db.execute(
+            row = self._one(
                 """UPDATE jobs SET state = 'pending', claimed_by = NULL, attempts = MAX(attempts - 1, 0),
-                       error = ?, updated_at = ? WHERE id = ? AND state = 'claimed'""",
+                       deferrals = deferrals + 1, error = ?, updated_at = ? WHERE id = ? AND state = 'claimed'
+                   RETURNING deferrals""",
                 [f"deferred (temporary): {error}", at, job_id],
             )
-            self._event("defer", {"job": job_id, "error": error}, at)
+            state = "pending"
+            if row and max_deferrals is not None and max_deferrals > 0 and row["deferrals"] >= max_deferrals:
+                self.db.execute("UPDATE jobs SET state = 'failed', error = ? WHERE id = ?",
+                                [f"gave up after {row['deferrals']} deferrals: {error}", job_id])
+                state = "failed"
+            self._event("defer", {"job": job_id, "error": error, "state": state}, at)
+        return state
 
     def retry_jobs(self, job_ids: Iterable[int] | None = None, now: float | None = None) -> int:
         """Failed jobs (all, or those of ``job_ids``) back to pending with fresh
         attempts. Returns how many."""
         at = _now(now)
-        sql = "UPDATE jobs SET state = 'pending', attempts = 0, error = NULL, claimed_by = NULL, updated_at = ? " \
+        sql = "UPDATE jobs SET state = 'pending', attempts = 0, deferrals = 0, error = NULL, claimed_by = NULL, " \
+              "updated_at = ? " \
               "WHERE state = 'failed'"
         args: list[Any] = [at]
         if job_ids is not None:
@@ -326,7 +339,7 @@ class QueueStore:
         states = list(states)
         marks = ",".join("?" * len(states))
         return self._rows(
-            f"""SELECT j.id, j.passage_id, j.kind, j.state, j.attempts, j.claimed_by,
+            f"""SELECT j.id, j.passage_id, j.kind, j.state, j.attempts, j.deferrals, j.claimed_by,
                        j.heartbeat_at, j.error, j.created_at, j.updated_at,
                        p.title, p.n_tokens, d.source
                 FROM jobs j JOIN passages p ON p.id = j.passage_id

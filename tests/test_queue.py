@@ -115,6 +115,34 @@ def test_a_poison_passage_that_kills_its_worker_is_failed_not_retried_forever(tm
         assert s.events(kind="poison")
 
 
+def test_a_fault_that_never_goes_away_does_not_loop_for_ever(tmp_path):
+    """A passage deferred again and again (its 'temporary' fault is its own) waits
+    behind the others, and after max_deferrals it is failed, with the reason, until
+    `seal queue --retry`."""
+    with Store(tmp_path / "store.db") as s:
+        from tests.helpers import PASSAGES, document
+
+        s.ingest([document(*PASSAGES[0]), document(*PASSAGES[1])])
+        first, second = (j["id"] for j in s.jobs())
+        job = s.claim_next("w", max_attempts=3)
+        assert job.id == first
+        assert s.defer_job(job.id, "MemoryError: ", max_deferrals=3) == "pending"
+        job = s.claim_next("w", max_attempts=3)
+        assert job.id == second  # the deferred one waits behind the fresh one
+        s.finish_job(job.id)
+        states = []
+        for _ in range(2):
+            job = s.claim_next("w", max_attempts=3)
+            assert job.id == first
+            states.append(s.defer_job(job.id, "MemoryError: ", max_deferrals=3))
+        assert states == ["pending", "failed"]
+        failed = {j["id"]: j for j in s.jobs(("failed",))}
+        assert failed[first]["error"] == "gave up after 3 deferrals: MemoryError: "
+        assert s.retry_jobs([first]) == 1
+        (again,) = [j for j in s.jobs(("pending",)) if j["id"] == first]
+        assert again["deferrals"] == 0 and again["attempts"] == 0
+
+
 def test_a_temporary_fault_gives_the_job_back_without_counting_it(tmp_path):
     with Store(tmp_path / "store.db") as s:
         from tests.helpers import PASSAGES, document

@@ -51,7 +51,7 @@ def test_a_memory_store_is_migrated_and_leaves_no_file(tmp_path: Path, monkeypat
         assert store.path is None
         assert [name for name, _ in _applied(store)] == ["0001_ingest", "0002_learning", "0003_sleep",
                                                        "0004_transfer_sets", "0005_scale_indexes",
-                                                       "0006_window_indexes"]
+                                                       "0006_window_indexes", "0007_job_deferrals"]
         assert migrations.pending(store.db) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "memory"
         assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
