@@ -420,3 +420,48 @@ def test_history_pages_newest_first(many, tmp_path):
     assert len(json.loads(seal("history", "--json").stdout)) == 50
     assert "no versions past 400" in seal("history", "--offset", "400").stdout
 
+
+def test_the_live_dashboard_reads_off_the_drawing_thread(many, monkeypatch):
+    """A slow read (a big store, a busy disk) never blocks a key or a redraw: the
+    SnapshotReader reads in its own thread, hands each read over once, and r wakes it."""
+    import threading
+    import time
+
+    import agent.ui.dashboard as dashboard_module
+    from agent.ui.dashboard import SnapshotReader
+
+    home, store, _ = many
+    gate = threading.Event()
+    real = dashboard_module.take_snapshot
+
+    def slow(*args, **kwargs):
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dashboard_module, "take_snapshot", slow)
+    dash = Dashboard(home)
+    dash.reader = reader = SnapshotReader(home, interval=60).start()
+    try:
+        t0 = time.perf_counter()
+        assert reader.latest() is None  # reading: nothing yet, and no wait
+        assert dash.handle("2") and dash.render(80, 24) is not None  # keys and the screen go on
+        assert time.perf_counter() - t0 < 1.0
+        gate.set()
+        for _ in range(100):
+            fresh = reader.latest()
+            if fresh is not None:
+                break
+            time.sleep(0.05)
+        assert fresh is not None and fresh[1] is None and fresh[0].lineage
+        assert reader.latest() is None  # handed over once
+        dash.show(*fresh)
+        assert dash.snap is fresh[0]
+        dash.handle("r")  # wakes the reader long before its 60 s interval
+        for _ in range(100):
+            if reader.reads >= 2:
+                break
+            time.sleep(0.05)
+        assert reader.reads == 2
+    finally:
+        reader.stop()
+    assert not reader._thread.is_alive()

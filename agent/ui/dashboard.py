@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -136,6 +137,64 @@ class Scroll:
             yield Segment.line()
 
 
+def read_snapshot(home: Home, store: Store | None, clock: Callable[[], float]) -> tuple[Snapshot | None, str | None]:
+    """A snapshot, or None and why not (a busy or half-migrated store: the dashboard
+    keeps showing the last one)."""
+    try:
+        return take_snapshot(home, store, now=clock()), None
+    except Exception as e:
+        log.debug("snapshot failed", exc_info=True)
+        return None, f"{type(e).__name__}: {e}"
+
+
+class SnapshotReader:
+    """Reads snapshots off the drawing thread: every ``interval`` seconds, and at once
+    when woken (``r``), in a thread of its own with its own store connection.
+    ``latest()`` hands each new read over once (else None), without waiting, so a slow
+    read of a big store never freezes the keys or the screen."""
+
+    def __init__(self, home: Home, interval: float, clock: Callable[[], float] = time.time):
+        self.home, self.interval, self.clock = home, interval, clock
+        self._lock = threading.Lock()
+        self._new: tuple[Snapshot | None, str | None] | None = None
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="seal-tui-reader", daemon=True)
+        self.reads = 0
+
+    def start(self) -> SnapshotReader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        store = None
+        try:
+            while not self._stop.is_set():
+                if store is None and self.home.store_file.exists():
+                    store = Store(self.home.store_file)
+                read = read_snapshot(self.home, store, self.clock)
+                with self._lock:
+                    self._new = read
+                    self.reads += 1
+                self._wake.wait(self.interval)
+                self._wake.clear()
+        finally:
+            if store is not None:
+                store.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def latest(self) -> tuple[Snapshot | None, str | None] | None:
+        with self._lock:
+            out, self._new = self._new, None
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+
 class Dashboard:
     """The dashboard's state (focused panel, selection, open details) and its layout
     for a given terminal size. ``reload`` reads a new snapshot; ``handle`` takes a key
@@ -154,6 +213,7 @@ class Dashboard:
         self.snap: Snapshot | None = None
         self.error: str | None = None
         self._store: Store | None = None
+        self.reader: SnapshotReader | None = None  # the live dashboard's: reads off the drawing thread
 
     # ------------------------------------------------------------------ data
     def store(self) -> Store | None:
@@ -168,14 +228,20 @@ class Dashboard:
             self._store = None
 
     def reload(self) -> None:
-        try:
-            self.snap = take_snapshot(self.home, self.store(), now=self.clock())
-            self.error = None
-        except Exception as e:  # a busy or half-migrated store: keep showing the last snapshot
-            log.debug("snapshot failed", exc_info=True)
-            self.error = f"{type(e).__name__}: {e}"
-            if self.snap is None:
-                self.snap = Snapshot(home=str(self.home.root), taken_at=self.clock())
+        """Read a new snapshot now, on this thread (the live dashboard leaves it to its
+        ``SnapshotReader``; ``r`` then only wakes the reader)."""
+        if self.reader is not None:
+            self.reader.wake()
+            return
+        self.show(*read_snapshot(self.home, self.store(), self.clock))
+
+    def show(self, snap: Snapshot | None, error: str | None) -> None:
+        """Take a snapshot read elsewhere (None: the read failed; keep the last one)."""
+        self.error = error
+        if snap is not None:
+            self.snap = snap
+        elif self.snap is None:
+            self.snap = Snapshot(home=str(self.home.root), taken_at=self.clock())
 
     def open_detail(self, kind: str, key: object) -> None:
         store = self.store()
@@ -352,30 +418,31 @@ def _sigterm_exits():
 
 def run(home: Home, *, interval: float = 2.0, console: Console | None = None, stdin=None) -> None:
     """The live dashboard until q (or Ctrl-C). The store is re-read every ``interval``
-    seconds and at once on r; the screen is redrawn on every key and resize."""
+    seconds and at once on r, by a ``SnapshotReader`` thread; the screen is redrawn on
+    every new snapshot, key and resize."""
     console = console or Console()
     dash = Dashboard(home)
-    dash.reload()
+    dash.reload()  # the first screen has data; later reads are the reader's
+    dash.reader = SnapshotReader(home, interval).start()
     muted = logging.root.manager.disable
     logging.disable(logging.WARNING)  # a log line would draw over the screen
     try:
         with _sigterm_exits(), KeyReader(stdin) as keys, Live(
             console=console, screen=True, auto_refresh=False, redirect_stdout=False, redirect_stderr=False
         ) as live:
-            next_load = time.monotonic() + interval
             size = None
             dirty = True
             while True:
-                if time.monotonic() >= next_load:
-                    dash.reload()
-                    next_load = time.monotonic() + interval
+                fresh = dash.reader.latest()
+                if fresh is not None:
+                    dash.show(*fresh)
                     dirty = True
                 if console.size != size:
                     size, dirty = console.size, True
                 if dirty:
                     live.update(dash.render(size.width, size.height), refresh=True)
                     dirty = False
-                for key in keys.read(min(0.25, max(next_load - time.monotonic(), 0.0))):
+                for key in keys.read(0.1):
                     if not dash.handle(key):
                         return
                     dirty = True
@@ -383,4 +450,5 @@ def run(home: Home, *, interval: float = 2.0, console: Console | None = None, st
         return
     finally:
         logging.disable(muted)
+        dash.reader.stop()
         dash.close()
