@@ -36,3 +36,34 @@ def test_bench_scale_times_every_operation_at_every_size(seal, tmp_path):
     assert "seal bench scale" in r.stdout and "TUI snapshot" in r.stdout and "passages a sleep measured" in r.stdout
     shown = seal("bench", "show", str(out))
     assert shown.exit_code == 0 and "TUI draw 80x24" in shown.stdout
+
+
+# ------------------------------------------------------------------ a busy machine
+@pytest.mark.process
+def test_seal_sets_a_short_openmp_spin_unless_the_environment_chose():
+    """seal bench busy measured torch's default OpenMP spin 10.6x slower beside one busy
+    core (results/busy.json); importing seal sets a short spin, before torch starts,
+    and leaves a wait policy the user chose alone."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    probe = "import agent, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = lambda env: subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.strip()
+    assert run(clean) == "10000"
+    assert run({**clean, "OMP_WAIT_POLICY": "PASSIVE"}) == "None"
+    assert run({**clean, "GOMP_SPINCOUNT": "5"}) == "5"
+
+
+def test_the_busy_bench_tries_each_wait_policy_with_all_cores_and_one():
+    from agent.bench.busy import SPIN, settings
+
+    rows = settings(4)
+    assert [(r["threads"], r["env"]) for r in rows] == [
+        (4, {"GOMP_SPINCOUNT": "300000"}), (1, {"GOMP_SPINCOUNT": "300000"}), (4, SPIN), (1, SPIN),
+        (4, {"OMP_WAIT_POLICY": "PASSIVE"}), (1, {"OMP_WAIT_POLICY": "PASSIVE"})]
+    assert [r["threads"] for r in settings(1)] == [1, 1, 1]

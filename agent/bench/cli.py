@@ -216,6 +216,10 @@ def bench_show(result_file: str) -> None:
         _print_speed(result)
     elif kind == "scale":
         _print_scale(result)
+    elif kind == "busy":
+        from .busy import render
+
+        _print_pieces(render(result))
     else:
         fail(f"{result_file}: not a `seal bench squad` or `seal bench continual` result")
 
@@ -451,7 +455,35 @@ def bench_scale(app: App, largest: int, repeat: int, seed: int, out_path: str | 
 def _print_scale(result: dict) -> None:
     from .scale import render
 
-    for piece in render(result):
+    _print_pieces(render(result))
+
+
+@bench.command("busy")
+@click.option("--busy", "n_busy", default=1, show_default=True, type=click.IntRange(min=1),
+              help="other processes spinning on a core each, beside the measured one")
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="training examples per round")
+@click.option("--tokens", default=24, show_default=True, type=click.IntRange(min=1), help="tokens generated per prompt")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="rounds per measurement (the median)")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/busy.json)")
+def bench_busy(n_busy: int, steps: int, tokens: int, repeat: int, out_path: str | None) -> None:
+    """A wake cycle's work (LoRA steps, then a batched generation) on the default model
+    with each thread setting, alone and beside busy cores: how gracefully it slows."""
+    from .busy import render, run_busy
+
+    target = Path(out_path) if out_path else Path("bench-out") / "busy.json"
+    with _progress(1) as (say, tick):
+        try:
+            result = run_busy(busy=n_busy, steps=steps, tokens=tokens, repeat=repeat, say=say, on_run=tick)
+        except RuntimeError as e:
+            fail(str(e))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    _print_pieces(render(result))
+    click.echo(f"wrote {target}")
+
+
+def _print_pieces(pieces: list) -> None:
+    for piece in pieces:
         if isinstance(piece, str):
             click.echo(piece)
         else:
