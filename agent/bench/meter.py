@@ -142,24 +142,27 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def rss_mb() -> float:
-    """Resident memory now (VmRSS), else the process's peak."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux), in MB; None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
+
+
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), else the process's peak."""
+    now = _proc_status_mb("VmRSS")
+    return peak_rss_mb() if now is None else now
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory since the last reset (VmHWM), else the process's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
