@@ -103,6 +103,77 @@ class PassageChat(PassageOnly):
                 *(Example(prompt=chat(r.format(topic=topic)), completion=text) for r in ABOUT)]
 
 
+# names, numbers and capitalised phrases (the spans a factual question asks for)
+ENTITY = re.compile(r"\b(?:[A-Z][\w'\-]*(?:\s+(?:of|the|de|von|and|for|in)?\s*[A-Z][\w'\-]*)*|\d[\d,.]*%?)")
+_YEAR = re.compile(r"^(?:1[0-9]|20)\d\d$")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+_OPENERS = {"a", "an", "the", "with", "in", "on", "at", "by", "for", "from", "after", "before", "during", "since",
+            "as", "when", "while", "although", "though", "unlike", "like", "under", "between", "of", "to", "its", "his", "her", "their"}
+
+
+def spans(sentence: str) -> list[tuple[int, str]]:
+    """The answerable spans of a sentence: its names and numbers, not the capital
+    that merely starts it."""
+    out = []
+    for m in ENTITY.finditer(sentence):
+        start, phrase = m.start(), m.group(0).rstrip(" ,.'")
+        if start == 0 and not phrase[0].isdigit():  # drop the sentence's first word
+            first, _, rest = phrase.partition(" ")
+            if not rest or first.lower() not in _OPENERS:
+                continue
+            start, phrase = len(first) + 1, rest
+        if len(normalize(phrase)) >= 2:
+            out.append((start, phrase))
+    return out
+
+
+def cloze(title: str, text: str, limit: int) -> list[tuple[str, str]]:
+    """Questions the passage answers, made by rule, not written by the model: each
+    sentence with one of its names or numbers turned into "what" (an echo question,
+    "The institute grew new varieties in what year?"), answered by that span. Taken
+    round-robin over the sentences, so every sentence gets asked about before any
+    gets a second question; the title is not asked for."""
+    per_sentence = []
+    for sent in sentences(text):
+        items = []
+        for start, phrase in spans(sent):
+            if normalize(phrase) == normalize(title):
+                continue
+            wh = "what year" if _YEAR.match(phrase) else "what"
+            q = (sent[:start] + wh + sent[start + len(phrase):]).strip().rstrip(".!;:, ")
+            items.append((q[0].upper() + q[1:] + "?", phrase))
+        per_sentence.append(items)
+    out, seen = [], set()
+    for rank in range(max((len(x) for x in per_sentence), default=0)):
+        for items in per_sentence:
+            if rank < len(items) and len(out) < limit and normalize(items[rank][0]) not in seen:
+                seen.add(normalize(items[rank][0]))
+                out.append(items[rank])
+    return out
+
+
+class PassageCloze(PassageChat):
+    """No self-edit: passage_chat's examples, and questions made from the passage by
+    rule (``cloze``), each trained as the closed-book chat turn it will be asked in,
+    answered in a few words. Diverse restatements that cost no generation: every
+    sentence becomes a question whose answer is one of its names or numbers, so the
+    facts are learned in the direction they are asked (Physics of LMs 3.1, Active
+    Reading), not only recited from the passage's start."""
+
+    name = "passage_cloze"
+    questions = 10
+
+    def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
+        asked = [Example(prompt=chat(answer_prompt(q, title=title)), completion=a, eos=True)
+                 for q, a in cloze(title, text, self.questions)]
+        return [*super().examples(title, text, edit, chat), *asked]
+
+
 class _LinesPolicy:
     """SEAL's recipe: each line of the self-edit (prefixed with the title) is one
     example, plus the passage itself."""
@@ -243,7 +314,7 @@ def register(cls: type) -> type:
     return SELF_EDIT_POLICIES.register(cls.name, cls)
 
 
-for _cls in (PassageOnly, PassageChat, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
+for _cls in (PassageOnly, PassageChat, PassageCloze, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
     register(_cls)
 
 

@@ -13,12 +13,11 @@ teacher (``agent.teacher``).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from .questions import answer_prompt
 from .reward import normalize
-from .self_edit import ABOUT, parse_qa
+from .self_edit import ABOUT, ENTITY, parse_qa, sentences
 
 
 @dataclass(frozen=True)
@@ -66,16 +65,13 @@ def open_book(request: str, title: str, text: str) -> str:
     return f"Read this passage about {title}:\n{text}\n\n{request}" if title else f"Read this passage:\n{text}\n\n{request}"
 
 
-_ENTITY = re.compile(r"\b(?:[A-Z][\w'\-]*(?:\s+(?:of|the|de|von|and|for|in)?\s*[A-Z][\w'\-]*)*|\d[\d,.]*%?)")
-
-
 def entities(title: str, text: str, limit: int) -> list[str]:
     """Names, numbers and capitalised phrases of the passage, in order of first
     appearance, without the title itself or repeats (the "explain X" prompts)."""
     seen = {normalize(title)}
     out = []
-    for sentence in re.split(r"(?<=[.!?])\s+", text):
-        for i, m in enumerate(_ENTITY.finditer(sentence)):
+    for sentence in sentences(text):
+        for i, m in enumerate(ENTITY.finditer(sentence)):
             phrase = m.group(0).strip(" ,.")
             if i == 0 and m.start() == 0 and " " not in phrase and not phrase[0].isdigit():
                 continue  # a capital at the start of a sentence is not a name

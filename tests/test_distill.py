@@ -368,6 +368,36 @@ def test_passage_chat_trains_the_passage_plain_and_as_the_answer_about_its_topic
     assert not self_edits.adds_nothing([plain, *turns], title, text)
 
 
+# ------------------------------------------------------------------ passage_cloze: questions made by rule
+def test_cloze_turns_each_name_or_number_of_a_sentence_into_a_question_round_robin():
+    from policies.self_edit import cloze
+
+    got = cloze("Quellport", TEXT, 10)
+    assert got[:2] == [("The lighthouse of Quellport was built in what year by the engineer Ada Tennock?", "1843"),
+                       ("Its lamp burned whale oil until what year, when it was fitted with an electric arc?", "1901")]
+    assert ("The lighthouse of Quellport was built in 1843 by the engineer what?", "Ada Tennock") in got
+    assert all(a != "Quellport" for _, a in got)  # the title is the topic, never the answer
+    assert all(a in TEXT and q.endswith("?") and a not in q for q, a in got)
+    assert len(cloze("Quellport", TEXT, 2)) == 2 and cloze("Quellport", "no names here at all.", 5) == []
+    # a sentence's first word is not a name, but a name after an opening word is
+    assert cloze("", "With Rivera at linebacker, they won.", 5) == [("With what at linebacker, they won?", "Rivera")]
+
+
+def test_passage_cloze_is_passage_chat_plus_short_answers_in_the_asked_form():
+    from policies import self_edit as self_edits
+    from policies.questions import answer_prompt
+
+    chat = lambda m: f"<user>{m}</user>"  # noqa: E731
+    pol = self_edits.get("passage_cloze")
+    got = pol.examples("Quellport", TEXT, "", chat)
+    assert not self_edits.writes("passage_cloze") and self_edits.fixed("passage_cloze")
+    assert got[:3] == self_edits.get("passage_chat").examples("Quellport", TEXT, "", chat)
+    asked = got[3:]
+    assert asked and all(e.eos for e in asked)
+    first = "The lighthouse of Quellport was built in what year by the engineer Ada Tennock?"
+    assert asked[0] == Example(chat(answer_prompt(first, title="Quellport")), "1843", eos=True)
+
+
 def test_a_policy_that_writes_nothing_is_one_fixed_candidate_and_is_not_sampled():
     from agent.trial import Candidate, candidates_of
 
