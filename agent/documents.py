@@ -162,7 +162,7 @@ def collect(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _decode(source: str, data: bytes, limit: int) -> str:
+def decode(source: str, data: bytes, limit: int) -> str:
     if limit and len(data) > limit:
         raise IngestError(f"{source}: {len(data):,} bytes, over the limit ingest.max_document_bytes = {limit:,}")
     if b"\0" in data:
@@ -200,7 +200,7 @@ def read_file(source: str, limit: int) -> tuple[str, int]:
         raise IngestError(f"{source}: cannot read ({e.strerror or e})") from None
     finally:
         os.close(fd)
-    return _decode(source, data, limit), len(data)
+    return decode(source, data, limit), len(data)
 
 
 def _kind(mode: int) -> str:
@@ -213,7 +213,7 @@ def _kind(mode: int) -> str:
 
 def read_stream(stream: BinaryIO, limit: int) -> tuple[str, int]:
     data = stream.read(limit + 1) if limit else stream.read()
-    return _decode(STDIN, data, limit), len(data)
+    return decode(STDIN, data, limit), len(data)
 
 
 # -------------------------------------------------------------------------- parsing

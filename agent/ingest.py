@@ -29,6 +29,7 @@ from .documents import (
     IngestError,
     QuestionLine,
     collect,
+    decode,
     parse_json,
     parse_jsonl,
     parse_questions,
@@ -245,15 +246,36 @@ def prepare(
             docs.append(parse_text(STDIN, "txt", raw, size, title))
             continue
         raw, size = read_file(source, cfg.max_document_bytes)
-        kind = KINDS[Path(source).suffix.lower()]
-        if kind == "json":
-            docs.append(parse_json(source, raw, size, title))
-        elif kind == "jsonl":
-            docs.append(parse_jsonl(source, raw, size, title))
-        else:
-            docs.append(parse_text(source, kind, raw, size, title))
+        docs.append(parse(source, KINDS[Path(source).suffix.lower()], raw, size, title))
     lines = parse_questions(questions, cfg.max_document_bytes) if questions else []
     chunk(docs, Chunker(tokenizer if tokenizer is not None else load_tokenizer(model), cfg.max_passage_tokens))
     if lines:
         attach_questions(docs, lines, questions)  # type: ignore[arg-type]
     return [d.to_new() for d in docs]
+
+
+def parse(source: str, kind: str, raw: str, size: int, title: str | None) -> Document:
+    """One document's text, parsed as its kind says (txt, md, json, jsonl)."""
+    if kind == "json":
+        return parse_json(source, raw, size, title)
+    if kind == "jsonl":
+        return parse_jsonl(source, raw, size, title)
+    return parse_text(source, kind, raw, size, title)
+
+
+def prepare_upload(name: str, data: bytes, *, cfg: IngestConfig, tokenizer, title: str | None = None) -> list[NewDocument]:
+    """A document sent over the API (``POST /v1/documents``): its bytes and a file
+    name whose extension says its kind (.txt, .md, .json, .jsonl; none: text). The
+    same checks, parsing and chunking as ``seal ingest FILE``; raises IngestError (one
+    line) on bad input. Touches no store."""
+    if title is not None and not title.strip():
+        raise IngestError("the title is empty")
+    title = " ".join(title.split()) if title else None
+    name = name.strip() or "upload.txt"
+    suffix = Path(name).suffix.lower()
+    if suffix and suffix not in KINDS:
+        raise IngestError(f"{name}: unsupported file type '{suffix}' (supported: .txt, .md, .json, .jsonl)")
+    raw = decode(name, data, cfg.max_document_bytes)
+    doc = parse(name, KINDS.get(suffix, "txt"), raw, len(data), title)
+    chunk([doc], Chunker(tokenizer, cfg.max_passage_tokens))
+    return [doc.to_new()]

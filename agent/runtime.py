@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,11 +248,14 @@ class Runtime:
     # ------------------------------------------------------------------ prompts
     def chat(self, user: str, system: str | None = None) -> str:
         """A single-turn chat prompt, ready for the assistant's reply."""
-        messages = []
+        return self.conversation([{"role": "user", "content": user}], system)
+
+    def conversation(self, messages: list[dict], system: str | None = None) -> str:
+        """A chat prompt of whole turns ({"role", "content"}; a system turn among them
+        wins over ``system`` and the configured one), ready for the assistant's reply."""
         system = system if system is not None else (self.cfg.system_prompt or None)
-        if system:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": user})
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n".join(m["content"] for m in messages) + "\n"
@@ -321,6 +325,52 @@ class Runtime:
             tok.padding_side, tok.truncation_side = old_side, old_cut
             self.model.train(was_training)
         return out
+
+    @torch.no_grad()
+    def stream(self, prompt: str, on_text: Callable[[str], None], *, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               stop: Callable[[], bool] = lambda: False) -> Generation:
+        """Complete one prompt as ``generate`` does, handing each piece of text to
+        ``on_text`` as soon as it is decoded; ``stop`` (asked after every token) ends it
+        early (a client that went away). Returns the whole completion."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        tok = self.tokenizer
+
+        class _Pieces(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    on_text(text)
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop(), dtype=torch.bool, device=input_ids.device)
+
+        was_training = self.model.training
+        self.model.eval()
+        old_side = tok.truncation_side
+        tok.truncation_side = "left"
+        try:
+            enc = tok([prompt], return_tensors="pt", add_special_tokens=False, truncation=True,
+                      max_length=max(1, self.context_length - max_new_tokens))
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      streamer=_Pieces(tok, skip_prompt=True, skip_special_tokens=True),
+                      stopping_criteria=StoppingCriteriaList([_Stop()]))
+            if temperature > 0:
+                kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                seqs = self.model.generate(**enc, **kw)
+            ids = seqs[0, enc["input_ids"].shape[1]:].tolist()
+            n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+            return Generation(text=tok.decode(ids[:n], skip_special_tokens=True).strip(), n_tokens=n)
+        finally:
+            tok.truncation_side = old_side
+            self.model.train(was_training)
 
     # ------------------------------------------------------------------ scoring
     def _encode_pairs(self, prompts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
