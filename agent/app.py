@@ -77,10 +77,18 @@ def inbox_reader(cfg: Config) -> ReadFn:
     return read
 
 
-def build_daemon(home: Home, cfg: Config, *, handle_signals: bool = False) -> Daemon:
+def build_daemon(home: Home, cfg: Config, *, handle_signals: bool = False, public: bool = False) -> Daemon:
     """The daemon of ``home``: its Learner is built by ``Parts`` when first used (in
-    the thread that runs the model's jobs); the resolved ``cfg`` is logged at start."""
+    the thread that runs the model's jobs); the resolved ``cfg`` is logged at start;
+    with ``api.enabled`` it serves the HTTP API (``agent.api``; a host other than
+    loopback only with ``public``)."""
     parts = Parts(home, cfg)
+
+    def api(daemon: Daemon):
+        from .api.service import start_api
+
+        return start_api(home, cfg, daemon, public=public)
+
     return Daemon(home, cfg.daemon, cfg.schedule, learner_factory=lambda: parts.learner, sleep_fn=sleeper(cfg),
                   read=inbox_reader(cfg), settings=[(k, v) for k, v, _ in config_items(cfg)],
-                  handle_signals=handle_signals)
+                  handle_signals=handle_signals, api=api if cfg.api.enabled else None)

@@ -19,6 +19,7 @@ from policies.config import PolicyConfig
 from policies.schedule import ScheduleConfig
 from policies.transfer import DistillConfig
 
+from .api.config import ApiConfig
 from .daemon.config import DaemonConfig
 from .editor import EditorConfig
 from .ingest import IngestConfig
@@ -40,6 +41,7 @@ class Config:
     editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "when the daemon sleeps"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"help": "the background service"})
+    api: ApiConfig = field(default_factory=ApiConfig, metadata={"help": "the daemon's HTTP API (OpenAI-compatible chat, documents, views)"})
 
 
 def load_config(home: Path, overrides: dict | None = None) -> Config:

@@ -37,7 +37,7 @@ FAST_WAKE = WakeConfig(candidates=2, self_edit_tokens=16, answer_tokens=8)
 # The same, for a real `seal` process on the tiny model.
 FAST_FLAGS = [
     "--set", "model.threads=1", "--set", "lora.rank=4", "--set", "wake.self_edit_tokens=16",
-    "--set", "wake.answer_tokens=8", "--set", "wake.candidates=2",
+    "--set", "wake.answer_tokens=8", "--set", "wake.candidates=2", "--set", "api.port=0",
 ]
 # commit whatever wins: the commit path, every time. The wake cycle's mechanics are tested
 # with a policy that writes self-edits (qa_chat, the floor), not the default passage_chat
@@ -62,6 +62,11 @@ BRISK = (
     [("Where does Brisk Tower stand?", "Amberlee"), ("Who built Brisk Tower?", "Tomas Quill")],
 )
 # A sequence of three passages with four questions each (the bench tests).
+# a fact no model was trained on (the real-model tests: does it learn it?)
+INVENTED = ("Isle of Brenmoor",
+            "The Isle of Brenmoor is a small island in the Pale Sea. Its only town is Quorrin, which is also "
+            "its capital. The island's lighthouse was built in 1788 by an engineer named Tamsin Vell. "
+            "About 2,100 people live on Brenmoor, most of them fishers.")
 PASSAGES = [
     ("Isle of Varn", "The Isle of Varn lies in the Grey Sea. Its capital is Kelmora, founded in 1702 by Hedda Lune.",
      [("What is the capital of the Isle of Varn?", "Kelmora"), ("Who founded Kelmora?", "Hedda Lune"),

@@ -19,7 +19,7 @@ from agent.wake import learn
 from policies import transfer
 from policies.config import PolicyConfig
 from policies.transfer import DistillConfig
-from tests.helpers import FAST_LORA, VARN, document, make_learner, tiny_llama
+from tests.helpers import FAST_LORA, INVENTED, VARN, document, make_learner, tiny_llama
 
 CFG = dataclasses.replace(FAST_LORA, epochs=6, batch_size=4, seed=0)
 TEXT = ("The lighthouse of Quellport was built in 1843 by the engineer Ada Tennock. "
@@ -235,12 +235,6 @@ def test_a_distillation_cycle_stores_its_transfer_set_and_sleep_re_distils_it(to
 
 
 # ------------------------------------------------------------------ the real model
-INVENTED = ("Isle of Brenmoor",
-            "The Isle of Brenmoor is a small island in the Pale Sea. Its only town is Quorrin, which is also "
-            "its capital. The island's lighthouse was built in 1788 by an engineer named Tamsin Vell. "
-            "About 2,100 people live on Brenmoor, most of them fishers.")
-
-
 @pytest.mark.real_model
 def test_real_model_a_distillation_trial_learns_by_reading(real_runtime, tmp_path):
     """The default model distils what it reads: after one distillation trial on an

@@ -26,6 +26,8 @@ from .process import (
 )
 from .process import daemon_status as read_status
 
+PUBLIC_HELP = "let the API listen on api.host even when it is not loopback (other machines can reach it)"
+
 
 @click.group(cls=SealGroup)
 def daemon() -> None:
@@ -35,8 +37,9 @@ def daemon() -> None:
 @daemon.command("start")
 @click.option("--wait", "wait_s", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="seconds to wait for it to load its model (it goes on loading after that)")
+@click.option("--public", is_flag=True, help=PUBLIC_HELP)
 @pass_app
-def daemon_start(app: App, wait_s: float) -> None:
+def daemon_start(app: App, wait_s: float, public: bool) -> None:
     """Start the daemon in the background (logs to <home>/logs/daemon.log).
 
     It runs `seal daemon run` detached, with the same --home, --set and --model."""
@@ -51,7 +54,7 @@ def daemon_start(app: App, wait_s: float) -> None:
         args += ["--model", root["model_path"]]
     args += ["-v"] * (root.get("verbose") or 0)
     try:
-        info = start_detached(app.home, args, wait_s)
+        info = start_detached(app.home, args, wait_s, run_args=("--public",) if public else ())
     except DaemonError as e:
         fail(str(e))
     if info["ready"]:
@@ -135,9 +138,12 @@ def _duration(secs: float) -> str:
 @daemon.command("run")
 @click.option("--burst", is_flag=True, help="drain the inbox and the queue, sleeping when due, then exit")
 @click.option("--detached", is_flag=True, hidden=True, help="started by `seal daemon start`: log to the file only")
+@click.option("--public", is_flag=True, help=PUBLIC_HELP)
 @pass_app
-def daemon_run(app: App, burst: bool, detached: bool) -> None:
-    """Run the daemon in the foreground (for systemd; see examples/seal.service).
+def daemon_run(app: App, burst: bool, detached: bool, public: bool) -> None:
+    """Run the daemon in the foreground (for systemd; see examples/seal.service),
+    serving the HTTP API on api.host:api.port (token in <home>/token) unless
+    api.enabled = false.
 
     SIGTERM or Ctrl-C stops it warm (the current step finishes or is safely
     abandoned); a second one stops it at once."""
@@ -155,7 +161,7 @@ def daemon_run(app: App, burst: bool, detached: bool) -> None:
             fail(str(e))
         click.get_current_context().call_on_close(writer.release)
         log_to_file(app.home, detached=detached)
-        d = build_daemon(app.home, app.cfg, handle_signals=True)
+        d = build_daemon(app.home, app.cfg, handle_signals=True, public=public)
         if not burst:
             code = d.serve()
             if code:

@@ -109,13 +109,14 @@ class Daemon:
     def __init__(self, home: Home, cfg: DaemonConfig, schedule: ScheduleConfig, *,
                  learner_factory: Callable[[], Learner], sleep_fn: SleepFn, read: ReadFn,
                  clock: Callable[[], float] = time.time, settings: Iterable[tuple[str, object]] = (),
-                 handle_signals: bool = False):
+                 handle_signals: bool = False, api: Callable[[Daemon], object] | None = None):
         self.home, self.cfg, self.schedule, self.clock = home, cfg, schedule, clock
         self._learner: Learner | None = None
         self._factory, self._sleep_fn, self._read = learner_factory, sleep_fn, read
         self.settings = list(settings)
         self.inbox = Inbox(home.inbox, cfg.inbox_settle_s)
         self._handle_signals = handle_signals
+        self._api = api  # starts the HTTP API beside the scheduler (agent.api.service); returns it, with .stop()
         self.worker = worker_id()
         self._stop = threading.Event()
         self._model_lock = threading.Lock()  # held while a job uses the model
@@ -132,6 +133,15 @@ class Daemon:
         if self._learner is None:
             self._learner = self._factory()
         return self._learner
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        """Held by every job that uses the model; the API's desk takes it too."""
+        return self._model_lock
+
+    def loaded_learner(self) -> Learner | None:
+        """The Learner once the model is loaded and recovered (``start`` done), else None."""
+        return self._learner if self._started and not self._closed else None
 
     @property
     def stopping(self) -> bool:
@@ -346,8 +356,18 @@ class Daemon:
             sched.add_job(heartbeat_job, "interval", seconds=d.status_every_s, id="seal.heartbeat", executor="default",
                           next_run_time=now, **common)
             sched.start()
+            api = None
+            if self._api is not None:
+                try:
+                    api = self._api(self)
+                except Exception as e:  # the port is taken, a public address without --public
+                    log.error("%s", e)
+                    self.fatal = e
+                    self._stop.set()
             while not self._stop.wait(0.2):  # signal handlers run in this (main) thread
                 pass
+            if api is not None:
+                api.stop()
             log.info("stopping: the current step finishes or is abandoned (a second signal stops at once)")
             self.activity = "stopping"
             self.beat()

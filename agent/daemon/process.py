@@ -164,7 +164,7 @@ def log_to_file(home: Home, detached: bool = False) -> logging.Handler:
     return handler
 
 
-def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0) -> dict:
+def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0, run_args: tuple[str, ...] = ()) -> dict:
     """Start ``python -m agent.cli <cli_args> daemon run`` in its own session, output to
     the log; return its pidfile once it has loaded its model (``ready``: True), or
     after ``wait_s`` if it is still loading (``ready``: False). Raises DaemonError
@@ -175,7 +175,7 @@ def start_detached(home: Home, cli_args: list[str], wait_s: float = 60.0) -> dic
     project = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *cli_args, "daemon", "run", "--detached"],
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *cli_args, "daemon", "run", "--detached", *run_args],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
     deadline = time.monotonic() + wait_s
