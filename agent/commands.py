@@ -41,10 +41,16 @@ log = logging.getLogger(__name__)
 @click.option("--context", "context_file", type=click.Path(dir_okay=False), help="answer open-book from this text file")
 @click.option("--title", help="topic of the question (given to the model, as in training)")
 @click.option("--max-tokens", default=64, show_default=True, help="longest answer")
+@click.option("--local", is_flag=True, help="load the model in this process even when a daemon runs on the home")
 @pass_app
-def ask(app: App, question: str, context_file: str | None, title: str | None, max_tokens: int) -> None:
-    """Ask the current model a question."""
+def ask(app: App, question: str, context_file: str | None, title: str | None, max_tokens: int, local: bool) -> None:
+    """Ask the current model a question; the answer is printed as it is generated.
+
+    When a daemon runs on the home, its model answers through its API (no second
+    copy of the model is loaded); otherwise this process loads the model."""
     from policies.questions import answer_prompt
+
+    from .api.client import ApiClientError, daemon_client
 
     if not question.strip():
         fail("the question is empty")
@@ -59,12 +65,38 @@ def ask(app: App, question: str, context_file: str | None, title: str | None, ma
             fail(f"{context_file}: not UTF-8 text")
         if not context:
             fail(f"{context_file}: the file is empty")
+    message = answer_prompt(question.strip(), title=title, context=context)
+    shown = _Streamed()
+    client = None if local else daemon_client(app.home)
+    if client is not None:  # the daemon's model answers: no second copy of it in memory
+        try:
+            client.chat([{"role": "user", "content": message}], shown, max_tokens=max_tokens)
+        except ApiClientError as e:
+            fail(str(e))
+        shown.end()
+        return
     rt = app.runtime
     if app.home.store_file.exists() and app.learner.registry.active(KNOWLEDGE):
         app.learner.model.set_adapter(KNOWLEDGE)  # answer from what was learned
-    prompt = rt.chat(answer_prompt(question.strip(), title=title, context=context))
-    (gen,) = rt.generate([prompt], max_new_tokens=max_tokens)
-    click.echo(gen.text)
+    rt.stream(rt.chat(message), shown, max_new_tokens=max_tokens)
+    shown.end()
+
+
+class _Streamed:
+    """Prints an answer piece by piece as it is generated, without its leading blanks."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            click.echo(text, nl=False)
+
+    def end(self) -> None:
+        click.echo()
 
 
 # ---------------------------------------------------------------------------- ingest
