@@ -15,7 +15,7 @@ AUGMENT = ("off", "also", "only")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    self_edit: str = field(default="passage_chat", metadata={"help": "self-edit policy (default chosen on 30 tune passages, README): passage | passage_chat | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
+    self_edit: str = field(default="passage_chat", metadata={"help": "self-edit policy (default chosen on 30 tune passages, README): passage | passage_chat | passage_cloze | passage_recall | implications | rewrite | self_qa | qa_chat | distill | distill_onpolicy; several joined by + are sampled in turn (e.g. rewrite+distill)"})
     augment: str = field(default="off", metadata={"help": "off: each self-edit is a candidate (best-of-N) | also: plus one candidate training all N together | only: just that one"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
     reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy | teacher_agreement (label-free: self-written questions, see distill)"})

@@ -132,12 +132,13 @@ def spans(sentence: str) -> list[tuple[int, str]]:
     return out
 
 
-def cloze(title: str, text: str, limit: int) -> list[tuple[str, str]]:
+def cloze(title: str, text: str, limit: int) -> list[tuple[str, str, str]]:
     """Questions the passage answers, made by rule, not written by the model: each
     sentence with one of its names or numbers turned into "what" (an echo question,
-    "The institute grew new varieties in what year?"), answered by that span. Taken
-    round-robin over the sentences, so every sentence gets asked about before any
-    gets a second question; the title is not asked for."""
+    "The institute grew new varieties in what year?"), with that span and its
+    sentence: (question, span, sentence). Taken round-robin over the sentences, so
+    every sentence gets asked about before any gets a second question; the title is
+    not asked for."""
     per_sentence = []
     for sent in sentences(text):
         items = []
@@ -146,7 +147,7 @@ def cloze(title: str, text: str, limit: int) -> list[tuple[str, str]]:
                 continue
             wh = "what year" if _YEAR.match(phrase) else "what"
             q = (sent[:start] + wh + sent[start + len(phrase):]).strip().rstrip(".!;:, ")
-            items.append((q[0].upper() + q[1:] + "?", phrase))
+            items.append((q[0].upper() + q[1:] + "?", phrase, sent))
         per_sentence.append(items)
     out, seen = [], set()
     for rank in range(max((len(x) for x in per_sentence), default=0)):
@@ -167,11 +168,21 @@ class PassageCloze(PassageChat):
 
     name = "passage_cloze"
     questions = 10
+    answer = 1  # which part of a cloze item answers: 1, its span; 2, its whole sentence
 
     def examples(self, title: str, text: str, edit: str, chat: Chat) -> list[Example]:
-        asked = [Example(prompt=chat(answer_prompt(q, title=title)), completion=a, eos=True)
-                 for q, a in cloze(title, text, self.questions)]
+        asked = [Example(prompt=chat(answer_prompt(item[0], title=title)), completion=item[self.answer], eos=True)
+                 for item in cloze(title, text, self.questions)]
         return [*super().examples(title, text, edit, chat), *asked]
+
+
+class PassageRecall(PassageCloze):
+    """passage_cloze's questions, each answered by the whole sentence it was made
+    from: cued recall of the right sentence (a 32-token answer recited from the
+    passage's start misses facts told late in it), rather than a bare span."""
+
+    name = "passage_recall"
+    answer = 2
 
 
 class _LinesPolicy:
@@ -314,7 +325,7 @@ def register(cls: type) -> type:
     return SELF_EDIT_POLICIES.register(cls.name, cls)
 
 
-for _cls in (PassageOnly, PassageChat, PassageCloze, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
+for _cls in (PassageOnly, PassageChat, PassageCloze, PassageRecall, Implications, Rewrite, SelfQA, QAChat, Distill, DistillOnPolicy, Augmented):
     register(_cls)
 
 

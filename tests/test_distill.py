@@ -367,14 +367,18 @@ def test_cloze_turns_each_name_or_number_of_a_sentence_into_a_question_round_rob
     from policies.self_edit import cloze
 
     got = cloze("Quellport", TEXT, 10)
-    assert got[:2] == [("The lighthouse of Quellport was built in what year by the engineer Ada Tennock?", "1843"),
-                       ("Its lamp burned whale oil until what year, when it was fitted with an electric arc?", "1901")]
-    assert ("The lighthouse of Quellport was built in 1843 by the engineer what?", "Ada Tennock") in got
-    assert all(a != "Quellport" for _, a in got)  # the title is the topic, never the answer
-    assert all(a in TEXT and q.endswith("?") and a not in q for q, a in got)
+    first, second = TEXT.split(". ")
+    assert got[:2] == [("The lighthouse of Quellport was built in what year by the engineer Ada Tennock?", "1843",
+                        first + "."),
+                       ("Its lamp burned whale oil until what year, when it was fitted with an electric arc?", "1901",
+                        second)]
+    assert ("The lighthouse of Quellport was built in 1843 by the engineer what?", "Ada Tennock", first + ".") in got
+    assert all(a != "Quellport" for _, a, _ in got)  # the title is the topic, never the answer
+    assert all(a in s and s in TEXT and q.endswith("?") and a not in q for q, a, s in got)
     assert len(cloze("Quellport", TEXT, 2)) == 2 and cloze("Quellport", "no names here at all.", 5) == []
     # a sentence's first word is not a name, but a name after an opening word is
-    assert cloze("", "With Rivera at linebacker, they won.", 5) == [("With what at linebacker, they won?", "Rivera")]
+    assert cloze("", "With Rivera at linebacker, they won.", 5) == [
+        ("With what at linebacker, they won?", "Rivera", "With Rivera at linebacker, they won.")]
 
 
 def test_passage_cloze_is_passage_chat_plus_short_answers_in_the_asked_form():
@@ -390,6 +394,10 @@ def test_passage_cloze_is_passage_chat_plus_short_answers_in_the_asked_form():
     assert asked and all(e.eos for e in asked)
     first = "The lighthouse of Quellport was built in what year by the engineer Ada Tennock?"
     assert asked[0] == Example(chat(answer_prompt(first, title="Quellport")), "1843", eos=True)
+    # passage_recall: the same questions, each answered by its whole sentence
+    recall = self_edits.get("passage_recall").examples("Quellport", TEXT, "", chat)
+    assert [e.prompt for e in recall] == [e.prompt for e in got]
+    assert recall[3].completion == TEXT.split(". ")[0] + "." and all(e.eos for e in recall[3:])
 
 
 def test_a_policy_that_writes_nothing_is_one_fixed_candidate_and_is_not_sampled():

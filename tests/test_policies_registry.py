@@ -29,7 +29,7 @@ def test_every_registry_is_a_registry_of_its_kind(kind):
 
 
 def test_registries_hold_the_known_names_in_order():
-    assert list(self_edit.SELF_EDIT_POLICIES) == ["passage", "passage_chat", "passage_cloze", "implications", "rewrite",
+    assert list(self_edit.SELF_EDIT_POLICIES) == ["passage", "passage_chat", "passage_cloze", "passage_recall", "implications", "rewrite",
                                                 "self_qa", "qa_chat",
                                                 "distill", "distill_onpolicy", "augmented"]
     assert list(questions.QUESTION_POLICIES) == ["given", "self"]
