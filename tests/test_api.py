@@ -293,3 +293,27 @@ def test_real_model_the_api_answers_from_what_it_learned_and_the_base_does_not(r
         store.close()
         learner.model.unload()  # the session's model is shared: take the LoRA layers out again
         real_runtime.model = base_model
+
+
+@pytest.mark.process
+def test_bench_api_measures_asking_a_daemon_against_asking_alone(tmp_path, tiny_dir):
+    out = tmp_path / "api.json"
+    r = subprocess_run(["--model", str(tiny_dir), "bench", "api", "--repeat", "1", "--max-tokens", "4", "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(out.read_text())
+    assert got["api_first_token_s"] > 0 and got["daemon_rss_mb"] > 0
+    for key in ("ask_via_daemon", "ask_local"):
+        assert got[key]["total_s"] > 0 and got[key]["peak_mb"] > 0
+    # the daemon's model answers the one asked beside it: the process loads none of its own
+    assert got["ask_via_daemon"]["peak_mb"] < got["ask_local"]["peak_mb"]
+    assert "seal bench api" in r.stdout and "seal ask beside the daemon" in r.stdout
+
+
+def subprocess_run(args: list[str]):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cli_env
+
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)

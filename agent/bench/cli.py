@@ -482,6 +482,29 @@ def bench_busy(n_busy: int, steps: int, tokens: int, repeat: int, out_path: str 
     click.echo(f"wrote {target}")
 
 
+@bench.command("api")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="runs per measurement (the median)")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1), help="tokens per answer")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/api.json)")
+@pass_app
+def bench_api(app: App, repeat: int, max_tokens: int, out_path: str | None) -> None:
+    """Ask a running daemon: the API's first token with the model idle, and `seal ask`
+    beside the daemon (through its API) against `seal ask --local` (its own model):
+    time to the first printed byte, to the end, and peak memory."""
+    from .api import render, run_api
+
+    target = Path(out_path) if out_path else Path("bench-out") / "api.json"
+    with _progress(3 * repeat + 1) as (say, tick):
+        try:
+            result = run_api(model=app.cfg.model.path, repeat=repeat, max_tokens=max_tokens, say=say, on_run=tick)
+        except RuntimeError as e:
+            fail(str(e))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    _print_pieces(render(result))
+    click.echo(f"wrote {target}")
+
+
 def _print_pieces(pieces: list) -> None:
     for piece in pieces:
         if isinstance(piece, str):
