@@ -110,8 +110,9 @@ class _Streamed:
     "each goes to the passage that contains its answer",
 )
 @click.option("--title", help="title of the text documents (default: a leading '# Heading', else the file name)")
+@click.option("--local", is_flag=True, help="write to the store from this process even when a daemon runs on the home")
 @pass_app
-def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: str | None) -> None:
+def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: str | None, local: bool) -> None:
     """Add documents and queue their passages for learning.
 
     Reads .txt and .md files, SEAL/SQuAD-style .json (a list of records, or one) and
@@ -119,47 +120,55 @@ def ingest(app: App, paths: tuple[str, ...], questions_file: str | None, title: 
     [{"question", "answer"}], every such file in a folder (recursively), or text from
     stdin with -. Nothing is stored unless every input is good; once this returns,
     what it reports is durably stored. Content ingested before is reported as a
-    duplicate and not queued again.
+    duplicate and not queued again. Beside a running daemon, the files are read here
+    and sent to its API, which checks and stores them as this would.
     """
-    from .ingest import STDIN, IngestError
+    from .api.client import ApiClientError, daemon_client
+    from .ingest import STDIN, IngestError, outcome_rows, read_sources
     from .ingest import prepare as prepare_documents
 
     if STDIN in paths and sys.stdin is not None and sys.stdin.isatty():
         err.print("reading a document from stdin (end it with Ctrl-D)")
+    stdin = lambda: click.get_binary_stream("stdin")  # noqa: E731
+    client = None if local else daemon_client(app.home)
     try:
-        docs = prepare_documents(
-            paths,
-            cfg=app.cfg.ingest,
-            model=app.cfg.model,
-            title=title,
-            questions=questions_file,
-            stdin=lambda: click.get_binary_stream("stdin"),
-        )
+        if client is not None:
+            sources, qfile = read_sources(paths, cfg=app.cfg.ingest, stdin=stdin, questions=questions_file)
+        else:
+            docs = prepare_documents(paths, cfg=app.cfg.ingest, model=app.cfg.model, title=title,
+                                     questions=questions_file, stdin=stdin)
     except IngestError as e:
         fail(str(e))
-    outcomes = app.store.ingest(docs)
+    if client is not None:
+        try:
+            status, body = client.ingest(sources, qfile, title)
+        except ApiClientError as e:
+            fail(str(e))
+        if status not in (201, 409):
+            fail(body.get("error", {}).get("message") or f"the daemon's API answered {status}")
+        rows = body.get("documents") or []
+    else:
+        rows = outcome_rows(docs, app.store.ingest(docs))
     new_docs = dup_docs = passages = questions = 0
-    for doc, o in zip(docs, outcomes, strict=True):
+    for r in rows:
         # Only --questions can make the user expect new questions on known text.
-        offered = sum(len(p.questions) for p in doc.passages) if questions_file else 0
+        offered = r["questions_offered"] if questions_file else 0
         dropped = f"; its {offered} question(s) were not added" if offered else ""
-        if o.status == "duplicate" and o.duplicate_of:
+        if r["status"] == "duplicate" and r["duplicate_of"]:
             dup_docs += 1
-            click.echo(f"duplicate: {o.source} (already ingested from {o.duplicate_of}{dropped})")
-        elif o.status == "duplicate" or o.passages_added == 0:
+            click.echo(f"duplicate: {r['source']} (already ingested from {r['duplicate_of']}{dropped})")
+        elif r["status"] == "duplicate":
             dup_docs += 1
-            click.echo(f"duplicate: {o.source} (every passage was already ingested{dropped})")
+            click.echo(f"duplicate: {r['source']} (every passage was already ingested{dropped})")
         else:
             new_docs += 1
-            passages += o.passages_added
-            questions += o.questions_added
-            known = f", {o.passages_duplicate} already known" if o.passages_duplicate else ""
-            lost = f"; {o.questions_dropped} question(s) of passages learned before were not added" \
-                if o.questions_dropped else ""
-            click.echo(
-                f"new: {o.source} {doc.title!r}: {o.passages_added} passage(s){known}, {o.questions_added} question(s)"
-                f"{lost}"
-            )
+            passages += r["passages"]
+            questions += r["questions"]
+            known = f", {r['passages_known']} already known" if r["passages_known"] else ""
+            lost = f"; {r['questions_dropped']} question(s) of passages learned before were not added" \
+                if r["questions_dropped"] else ""
+            click.echo(f"new: {r['source']} {r['title']!r}: {r['passages']} passage(s){known}, "
+                       f"{r['questions']} question(s){lost}")
     if new_docs == 0:
         fail(f"nothing new to ingest: {dup_docs} duplicate document(s)")
     skipped = f"; {dup_docs} duplicate document(s) skipped" if dup_docs else ""

@@ -337,6 +337,11 @@ def parse_questions(source: str, limit: int) -> list[QuestionLine]:
     if not p.is_file():
         raise IngestError(f"{source}: no such file" if not p.exists() else f"{source}: not a file")
     raw, _ = read_file(source, limit)
+    return question_lines(source, raw)
+
+
+def question_lines(source: str, raw: str) -> list[QuestionLine]:
+    """The questions of a --questions file's text (``source`` names it in errors)."""
     out = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():

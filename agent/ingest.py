@@ -32,8 +32,8 @@ from .documents import (
     decode,
     parse_json,
     parse_jsonl,
-    parse_questions,
     parse_text,
+    question_lines,
     read_file,
     read_stream,
     short_text,
@@ -234,23 +234,73 @@ def prepare(
 ) -> list[NewDocument]:
     """Read, validate, parse, chunk and attach questions to everything named by
     ``paths``; raises IngestError (one line) on the first bad input. Touches no store."""
-    if title is not None and not title.strip():
-        raise IngestError("--title is empty")
-    title = " ".join(title.split()) if title else None
-    docs: list[Document] = []
+    title = _title(title)
+    sources, qfile = read_sources(paths, cfg=cfg, stdin=stdin, questions=questions)
+    docs = [parse(name, _kind(name), raw, size, title) for name, raw, size in sources]
+    return _finish(docs, qfile, cfg,
+                   tokenizer if tokenizer is not None else load_tokenizer(model))
+
+
+def read_sources(paths: Sequence[str], *, cfg: IngestConfig, stdin: Callable[[], BinaryIO] | None = None,
+                 questions: str | None = None) -> tuple[list[tuple[str, str, int]], tuple[str, str] | None]:
+    """What ``prepare`` reads, before parsing: (name, text, bytes) of every document
+    named by ``paths`` (stdin as "-"), and (name, text) of the --questions file. `seal
+    ingest` beside a daemon sends this to its API, which does the rest
+    (``prepare_sources``)."""
+    docs = []
     for source in collect(paths):
         if source == STDIN:
             if stdin is None:
                 raise IngestError("- (stdin) is not available here")
-            raw, size = read_stream(stdin(), cfg.max_document_bytes)
-            docs.append(parse_text(STDIN, "txt", raw, size, title))
-            continue
-        raw, size = read_file(source, cfg.max_document_bytes)
-        docs.append(parse(source, KINDS[Path(source).suffix.lower()], raw, size, title))
-    lines = parse_questions(questions, cfg.max_document_bytes) if questions else []
-    chunk(docs, Chunker(tokenizer if tokenizer is not None else load_tokenizer(model), cfg.max_passage_tokens))
+            docs.append((STDIN, *read_stream(stdin(), cfg.max_document_bytes)))
+        else:
+            docs.append((source, *read_file(source, cfg.max_document_bytes)))
+    if questions is None:
+        return docs, None
+    p = Path(questions)
+    if not p.is_file():
+        raise IngestError(f"{questions}: no such file" if not p.exists() else f"{questions}: not a file")
+    return docs, (questions, read_file(questions, cfg.max_document_bytes)[0])
+
+
+def prepare_sources(sources: Sequence[tuple[str, bytes]], *, cfg: IngestConfig, tokenizer, title: str | None = None,
+                    questions: tuple[str, bytes] | None = None) -> list[NewDocument]:
+    """Documents given as (name, bytes) rather than paths (``POST /v1/documents``):
+    the name's extension says the kind (.txt, .md, .json, .jsonl; none, or "-": text),
+    and from decoding on every check, the parsing, the chunking and the --questions
+    pairs are ``prepare``'s. Raises IngestError (one line); touches no store."""
+    title = _title(title)
+    if not sources:
+        raise IngestError("no document given")
+    docs = []
+    for name, data in sources:
+        name = name.strip() or "upload.txt"
+        suffix = "" if name == STDIN else Path(name).suffix.lower()
+        if suffix and suffix not in KINDS:
+            raise IngestError(f"{name}: unsupported file type '{suffix}' (supported: .txt, .md, .json, .jsonl)")
+        docs.append(parse(name, _kind(name), decode(name, data, cfg.max_document_bytes), len(data), title))
+    qfile = None
+    if questions is not None:
+        qfile = (questions[0], decode(questions[0], questions[1], cfg.max_document_bytes))
+    return _finish(docs, qfile, cfg, tokenizer)
+
+
+def _title(title: str | None) -> str | None:
+    if title is not None and not title.strip():
+        raise IngestError("--title is empty")
+    return " ".join(title.split()) if title else None
+
+
+def _kind(name: str) -> str:
+    return "txt" if name == STDIN else KINDS.get(Path(name).suffix.lower(), "txt")
+
+
+def _finish(docs: list[Document], questions: tuple[str, str] | None, cfg: IngestConfig, tokenizer) -> list[NewDocument]:
+    """Chunk the parsed documents and attach the --questions file's pairs (its name, its text)."""
+    lines = question_lines(*questions) if questions else []
+    chunk(docs, Chunker(tokenizer, cfg.max_passage_tokens))
     if lines:
-        attach_questions(docs, lines, questions)  # type: ignore[arg-type]
+        attach_questions(docs, lines, questions[0])
     return [d.to_new() for d in docs]
 
 
@@ -263,19 +313,11 @@ def parse(source: str, kind: str, raw: str, size: int, title: str | None) -> Doc
     return parse_text(source, kind, raw, size, title)
 
 
-def prepare_upload(name: str, data: bytes, *, cfg: IngestConfig, tokenizer, title: str | None = None) -> list[NewDocument]:
-    """A document sent over the API (``POST /v1/documents``): its bytes and a file
-    name whose extension says its kind (.txt, .md, .json, .jsonl; none: text). The
-    same checks, parsing and chunking as ``seal ingest FILE``; raises IngestError (one
-    line) on bad input. Touches no store."""
-    if title is not None and not title.strip():
-        raise IngestError("the title is empty")
-    title = " ".join(title.split()) if title else None
-    name = name.strip() or "upload.txt"
-    suffix = Path(name).suffix.lower()
-    if suffix and suffix not in KINDS:
-        raise IngestError(f"{name}: unsupported file type '{suffix}' (supported: .txt, .md, .json, .jsonl)")
-    raw = decode(name, data, cfg.max_document_bytes)
-    doc = parse(name, KINDS.get(suffix, "txt"), raw, len(data), title)
-    chunk([doc], Chunker(tokenizer, cfg.max_passage_tokens))
-    return [doc.to_new()]
+def outcome_rows(docs: list[NewDocument], outcomes: list) -> list[dict]:
+    """What ``Store.ingest`` did with each document, as `seal ingest` reports it and the
+    API returns it: new or duplicate, passages and questions added, known or dropped."""
+    return [{"status": "new" if o.status == "new" and o.passages_added else "duplicate", "source": o.source,
+             "title": d.title, "passages": o.passages_added, "passages_known": o.passages_duplicate,
+             "questions": o.questions_added, "questions_dropped": o.questions_dropped,
+             "questions_offered": sum(len(p.questions) for p in d.passages), "duplicate_of": o.duplicate_of}
+            for d, o in zip(docs, outcomes, strict=True)]

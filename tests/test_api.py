@@ -136,8 +136,9 @@ def test_a_full_queue_is_503_at_once_and_the_waiting_requests_are_answered(api):
 def test_documents_are_ingested_as_seal_ingest_would_and_bad_ones_change_nothing(api, home):
     r = api.post("/v1/documents?name=varn.json", content=json.dumps(record(*VARN)).encode())
     assert r.status_code == 201, r.text
-    assert r.json() | {"source": None} == {"status": "new", "source": None, "title": VARN[0], "passages": 1,
-                                           "passages_known": 0, "questions": len(VARN[2]), "questions_dropped": 0}
+    assert r.json() == {"passages": 1, "questions": len(VARN[2]), "documents": [{
+        "status": "new", "source": "varn.json", "title": VARN[0], "passages": 1, "passages_known": 0,
+        "questions": len(VARN[2]), "questions_dropped": 0, "questions_offered": len(VARN[2]), "duplicate_of": None}]}
     with Store(home / "store.db") as s:
         before = (len(s.passages()), s.queue_summary())
     assert before[1]["pending"] == 1
@@ -152,9 +153,28 @@ def test_documents_are_ingested_as_seal_ingest_would_and_bad_ones_change_nothing
         assert words in msg and "\n" not in msg, (name, msg)
     r = api.post("/v1/documents", content=b"# Brisk\nBrisk is a river town.\n",
                  headers={"Content-Type": "text/markdown"})
-    assert r.status_code == 201 and r.json()["title"] == "Brisk"
+    assert r.status_code == 201 and r.json()["documents"][0]["title"] == "Brisk"
     with Store(home / "store.db") as s:
         assert len(s.passages()) == before[0] + 1  # only the good one
+
+
+def test_a_batch_is_one_seal_ingest_call_questions_included_all_or_nothing(api, home):
+    batch = {"Content-Type": "application/vnd.seal.ingest+json"}
+    notes = {"name": "brisk.md", "content": "# Brisk\nBrisk is a river town. Its bridge was built in 1722.\n"}
+    qs = {"name": "qa.jsonl", "content": json.dumps({"question": "When was the bridge of Brisk built?",
+                                                    "answer": "1722"}) + "\n"}
+    bad = {"name": "bad.jsonl", "content": '{"title": "x", "context": "fine"}\n{oops\n'}
+    r = api.post("/v1/documents", json={"documents": [notes, bad], "questions": qs}, headers=batch)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("bad.jsonl line 2: malformed JSON")
+    assert not (home / "store.db").exists() or Store(home / "store.db").passages() == []
+    wrong = {"name": "qa.jsonl", "content": json.dumps({"question": "Who?", "answer": "Nobody at all"}) + "\n"}
+    r = api.post("/v1/documents", json={"documents": [notes], "questions": wrong}, headers=batch)
+    assert r.status_code == 400 and "is not in any ingested passage" in r.json()["error"]["message"]
+    r = api.post("/v1/documents", json={"documents": [notes, {"name": "-", "content": "Varn is an island."}],
+                                        "questions": qs}, headers=batch)
+    assert r.status_code == 201, r.text
+    assert [(d["source"], d["questions"]) for d in r.json()["documents"]] == [("brisk.md", 1), ("-", 0)]
+    assert api.post("/v1/documents", json={"documents": "nope"}, headers=batch).status_code == 400
 
 
 # ------------------------------------------------------------------ views
@@ -244,6 +264,18 @@ def test_a_real_daemon_serves_the_api_while_it_learns(home, tiny_dir):
             time.sleep(0.3)
         status = httpx.get(f"{url}/status", headers=auth, timeout=10).json()
         assert status["running"] and status["queue"]["done"] == 1 and status["active_adapter"]
+
+        # `seal ingest` beside the daemon: the files are read here, checked and stored by the daemon's API
+        notes, qa = home.parent / "brisk.md", home.parent / "qa.jsonl"
+        notes.write_text("# Brisk\nBrisk is a river town. Its bridge was built in 1722.\n")
+        qa.write_text(json.dumps({"question": "When was Brisk's bridge built?", "answer": "1722"}) + "\n")
+        got = run_cli(cli("ingest", str(notes), "--questions", str(qa)))
+        assert got.stdout.splitlines() == [f"new: {notes} 'Brisk': 1 passage(s), 1 question(s)",
+                                           "ingested 1 document(s): 1 passage(s), 1 question(s) queued"]
+        assert f"API: ingested {notes}: 1 passage(s), 1 question(s)" in (home / "logs" / "daemon.log").read_text()
+        again = run_cli(cli("ingest", str(notes)), ok=False)
+        assert again.returncode == 1 and again.stdout.startswith(f"duplicate: {notes}")
+        assert "nothing new to ingest: 1 duplicate document(s)" in again.stderr
 
         # `seal ask` beside the daemon asks its model: it loads none of its own
         ask = subprocess.run([sys.executable, "-X", "importtime", *cli("ask", "Where is Varn?", "--max-tokens", "4")[1:]],

@@ -73,6 +73,23 @@ class Client:
         return "".join(got)
 
 
+    def ingest(self, documents: list[tuple[str, str, int]], questions: tuple[str, str] | None,
+               title: str | None) -> tuple[int, dict]:
+        """One `seal ingest` call through the API (``POST /v1/documents``, a batch):
+        (status, body); the body of a refusal has ``error`` and, for duplicates, the
+        documents it found known."""
+        import httpx
+
+        body = {"documents": [{"name": n, "content": text} for n, text, _ in documents], "title": title,
+                "questions": {"name": questions[0], "content": questions[1]} if questions else None}
+        try:
+            r = httpx.post(f"{self.url}/documents", content=json.dumps(body).encode(), timeout=self.timeout_s,
+                           headers={**self._headers(), "Content-Type": "application/vnd.seal.ingest+json"})
+            return r.status_code, r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise ApiClientError(f"the daemon's API at {self.url} did not answer: {e}") from None
+
+
 def _message(r) -> str:
     try:
         return f"the daemon's API answered {r.status_code}: {r.json()['error']['message']}"

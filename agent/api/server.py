@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -43,15 +44,21 @@ from ..ingest import IngestConfig
 from .config import ApiConfig
 from .desk import ACTIVE, BASE, PREFIX, Busy, ChatJob, Desk, UnknownModel
 
+log = logging.getLogger(__name__)
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 **extra):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.extra = status, message, kind, code, extra
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+          **extra) -> JSONResponse:
+    """OpenAI's error shape; ``extra`` fields go beside ``error`` (a 409's documents)."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}, **extra},
+                        status_code=status)
 
 
 @dataclass
@@ -265,32 +272,59 @@ async def chat_completions(request: Request) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+BATCH = "application/vnd.seal.ingest+json"  # several documents and a questions file: one `seal ingest`
+
+
 async def documents(request: Request) -> Response:
-    """A document to learn: the same checks and parsing as `seal ingest FILE`."""
-    from ..ingest import IngestError, prepare_upload
+    """Documents to learn, with the checks and parsing of `seal ingest`. The body is one
+    document (its kind from ``?name=`` or the Content-Type; ``&title=``), or, as
+    ``application/vnd.seal.ingest+json``, a whole `seal ingest` call: ``{"documents":
+    [{"name", "content"}], "questions": {"name", "content"} | null, "title": str | null}``.
+    One transaction: every document is stored, or none."""
+    from ..ingest import IngestError, outcome_rows, prepare_sources
 
     ctx: Context = request.app.state.ctx
     data = await read_body(request, ctx.cfg.max_body_bytes)
-    name = request.query_params.get("name") or _name_for(request.headers.get("content-type", ""))
-    title = request.query_params.get("title")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    title, questions = request.query_params.get("title"), None
+    if kind == BATCH:
+        try:
+            body = json.loads(data)
+            sources = [(d["name"], _content(d)) for d in body["documents"]]
+            questions = (body["questions"]["name"], _content(body["questions"])) if body.get("questions") else None
+            title = body.get("title")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ApiError(400, 'a batch is {"documents": [{"name", "content"}], "questions": '
+                                '{"name", "content"} | null, "title": str | null}') from None
+    else:
+        sources = [(request.query_params.get("name") or _name_for(kind), data)]
 
     def ingest() -> dict:
         try:
-            docs = prepare_upload(name, data, cfg=ctx.ingest, tokenizer=ctx.tokenizer(), title=title)
+            docs = prepare_sources(sources, cfg=ctx.ingest, tokenizer=ctx.tokenizer(), title=title, questions=questions)
         except IngestError as e:
             raise ApiError(400, str(e), code="bad_document") from None
         ctx.home.ensure()
         with Store(ctx.home.store_file) as store:
-            (o,) = store.ingest(docs)
-        doc = docs[0]
-        if o.status == "duplicate" or o.passages_added == 0:
-            raise ApiError(409, f"duplicate: {o.source} (already ingested"
-                                f"{' from ' + o.duplicate_of if o.duplicate_of else ''})", code="duplicate")
-        return {"status": "new", "source": o.source, "title": doc.title, "passages": o.passages_added,
-                "passages_known": o.passages_duplicate, "questions": o.questions_added,
-                "questions_dropped": o.questions_dropped}
+            outcomes = store.ingest(docs)
+        rows = outcome_rows(docs, outcomes)
+        if not any(r["status"] == "new" for r in rows):
+            raise ApiError(409, f"nothing new to ingest: {len(rows)} duplicate document(s)", code="duplicate",
+                           documents=rows)
+        out = {"documents": rows, "passages": sum(r["passages"] for r in rows),
+               "questions": sum(r["questions"] for r in rows)}
+        log.info("API: ingested %s: %d passage(s), %d question(s)", ", ".join(r["source"] for r in rows),
+                 out["passages"], out["questions"])
+        return out
 
     return JSONResponse(await run_in_threadpool(ingest), status_code=201)
+
+
+def _content(item: dict) -> bytes:
+    """A batch item's text, as the bytes a file of it would hold."""
+    if not isinstance(item["content"], str):
+        raise TypeError("content")
+    return item["content"].encode("utf-8", "surrogatepass")
 
 
 def _name_for(content_type: str) -> str:
@@ -386,7 +420,7 @@ class Auth:
 
 def build_app(ctx: Context) -> Starlette:
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return error(exc.status, exc.message, exc.kind, exc.code)
+        return error(exc.status, exc.message, exc.kind, exc.code, **exc.extra)
 
     async def http_error(request: Request, exc) -> Response:
         return error(exc.status_code, str(exc.detail), "invalid_request_error")
