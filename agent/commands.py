@@ -189,6 +189,8 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int, retry_ids: tuple[
     --retry / --retry-failed give failed passages another chance."""
     from store.db import JOB_STATES
 
+    from .api.client import daemon_view
+
     if retry_ids or retry_failed:
         if retry_ids and retry_failed:
             fail("give --retry JOB_ID or --retry-failed, not both")
@@ -204,7 +206,10 @@ def queue(app: App, show_all: bool, as_json: bool, limit: int, retry_ids: tuple[
         return
 
     states = JOB_STATES if show_all else ("pending", "claimed", "failed")
-    if app.home.store_file.exists():
+    served = daemon_view(app.home, "/queue", state=",".join(states), limit=limit if limit > 0 else 10_000)
+    if served is not None:  # a daemon runs: its API reads the store
+        counts, jobs = served["counts"], served["jobs"]
+    elif app.home.store_file.exists():
         counts = app.store.queue_summary()
         jobs = app.store.jobs(states, limit=limit if limit > 0 else -1)
     else:  # nothing ingested yet: a read-only command does not create the store

@@ -277,6 +277,15 @@ def test_a_real_daemon_serves_the_api_while_it_learns(home, tiny_dir):
         assert again.returncode == 1 and again.stdout.startswith(f"duplicate: {notes}")
         assert "nothing new to ingest: 1 duplicate document(s)" in again.stderr
 
+        # the views beside the daemon: the same data as its API serves
+        q = json.loads(run_cli(cli("queue", "--json", "--all")).stdout)  # (it may be learning the second)
+        assert sum(q["counts"].values()) == 2 and q["counts"]["done"] >= 1 and len(q["jobs"]) == 2
+        versions = json.loads(run_cli(cli("history", "--json")).stdout)
+        assert versions and versions[-1] == httpx.get(f"{url}/adapters", headers=auth, timeout=10).json()["versions"][-1]
+        st = json.loads(run_cli(cli("daemon", "status", "--json")).stdout)
+        assert st["running"] and "api" not in st and st["disk"]["total"] > 0
+        assert set(json.loads(run_cli(cli("forgetting", "--json")).stdout)) >= {"per_passage", "window"}
+
         # `seal ask` beside the daemon asks its model: it loads none of its own
         ask = subprocess.run([sys.executable, "-X", "importtime", *cli("ask", "Where is Varn?", "--max-tokens", "4")[1:]],
                              cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)

@@ -73,6 +73,18 @@ class Client:
         return "".join(got)
 
 
+    def get(self, path: str, **params) -> dict:
+        """A view's JSON (``/status``, ``/queue``, ``/adapters``, ``/forgetting``)."""
+        import httpx
+
+        try:
+            r = httpx.get(f"{self.url}{path}", params=params, headers=self._headers(), timeout=60)
+        except httpx.HTTPError as e:
+            raise ApiClientError(f"the daemon's API at {self.url} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise ApiClientError(_message(r))
+        return r.json()
+
     def ingest(self, documents: list[tuple[str, str, int]], questions: tuple[str, str] | None,
                title: str | None) -> tuple[int, dict]:
         """One `seal ingest` call through the API (``POST /v1/documents``, a batch):
@@ -110,3 +122,18 @@ def daemon_client(home: Home) -> Client | None:
     except OSError:
         return None
     return Client(where["url"], token) if token else None
+
+
+def daemon_view(home: Home, path: str, **params) -> dict | None:
+    """A view's data from the daemon running on ``home`` (through its API), or None
+    when none runs or its API cannot answer: the caller then reads the store itself."""
+    import logging
+
+    client = daemon_client(home)
+    if client is None:
+        return None
+    try:
+        return client.get(path, **params)
+    except ApiClientError as e:
+        logging.getLogger(__name__).warning("%s: reading the store instead", e)
+        return None

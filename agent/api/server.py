@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from adapters.names import KNOWLEDGE
+from adapters.names import KNOWLEDGE, SAVED
 from store import Store
 
 from ..home import Home
@@ -337,7 +337,7 @@ async def status(request: Request) -> Response:
     from ..daemon.process import daemon_status
 
     ctx: Context = request.app.state.ctx
-    out = await run_in_threadpool(daemon_status, ctx.home, None, False)
+    out = await run_in_threadpool(daemon_status, ctx.home, None, request.query_params.get("disk") in ("1", "true"))
     out["api"] = {"waiting": ctx.desk.waiting, "queue": ctx.cfg.queue, "max_tokens": ctx.cfg.max_tokens}
     return JSONResponse(out)
 
@@ -355,21 +355,26 @@ async def jobs(request: Request) -> Response:
 
     def read(store: Store) -> dict:
         rows = store.jobs(states, limit=limit + offset)[offset:]
-        return {"counts": store.queue_summary(), "jobs": rows, "limit": limit, "offset": offset}
+        counts = store.queue_summary()
+        return {"counts": counts, "jobs": rows, "truncated": offset + len(rows) < sum(counts[s] for s in states),
+                "limit": limit, "offset": offset}
 
     return JSONResponse(await run_in_threadpool(_store_read, ctx, read,
                                                 {"counts": dict.fromkeys(JOB_STATES, 0), "jobs": [],
-                                                 "limit": limit, "offset": offset}))
+                                                 "truncated": False, "limit": limit, "offset": offset}))
 
 
 async def adapters(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     limit = int_param(request, "limit", 50, 1, 10_000)
     offset = int_param(request, "offset", 0, 0, 10**9)
+    name = request.query_params.get("name", KNOWLEDGE)
+    if name not in SAVED:
+        raise ApiError(400, f"name {name!r}: one of {', '.join(SAVED)}")
 
     def read(store: Store) -> dict:
-        return {"versions": store.adapter_history(KNOWLEDGE, limit, offset), "total": store.count_adapters(KNOWLEDGE),
-                "active": store.active_adapter_id(KNOWLEDGE), "limit": limit, "offset": offset}
+        return {"versions": store.adapter_history(name, limit, offset), "total": store.count_adapters(name),
+                "active": store.active_adapter_id(name), "limit": limit, "offset": offset}
 
     return JSONResponse(await run_in_threadpool(_store_read, ctx, read,
                                                 {"versions": [], "total": 0, "active": None, "limit": limit,

@@ -89,9 +89,11 @@ def daemon_status(app: App, as_json: bool) -> None:
 
     from store.db import JOB_STATES
 
+    from ..api.client import daemon_view
     from ..ui.fmt import file_size, next_sleep_text
 
-    s = read_status(app.home)
+    s = daemon_view(app.home, "/status", disk=1) or read_status(app.home)
+    s.pop("api", None)
     if as_json:
         click.echo(json.dumps(s, indent=1))
     else:

@@ -54,12 +54,14 @@ class JobState(click.Choice):
 def history(app: App, as_json: bool, name: str, tree: bool, limit: int, offset: int) -> None:
     """List adapter versions, newest first (* active, x rolled back, - pruned), a page
     at a time: --limit N (0: all) and --offset K."""
+    from ..api.client import daemon_view
     from .panels import panel
     from .snapshot import take_snapshot
     from .views import history_table
 
-    store = store_or_none(app)
-    rows = store.adapter_history(name, limit or -1, offset) if store else []
+    served = None if tree else daemon_view(app.home, "/adapters", name=name, limit=limit or 10_000, offset=offset)
+    store = None if served is not None else store_or_none(app)
+    rows = served["versions"] if served is not None else store.adapter_history(name, limit or -1, offset) if store else []
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -70,7 +72,7 @@ def history(app: App, as_json: bool, name: str, tree: bool, limit: int, offset: 
         print_view(panel("lineage", take_snapshot(app.home, store, versions=limit or 1 << 62)))
         return
     print_table(history_table(rows))
-    total = store.count_adapters(name)
+    total = served["total"] if served is not None else store.count_adapters(name)
     if offset + len(rows) < total:
         click.echo(f"{offset + len(rows)} of {total} versions shown (--offset {offset + len(rows)} for the next, "
                    "--limit 0 for all)")
@@ -86,12 +88,14 @@ def history(app: App, as_json: bool, name: str, tree: bool, limit: int, offset: 
 def forgetting(app: App, as_json: bool, versions: int, passages: int) -> None:
     """The forgetting matrix (probe accuracy of each learned passage under each
     adapter version) and what it says: at-learning, best, current, forgetting."""
+    from ..api.client import daemon_view
     from ..tracking import forgetting_summary
 
     if not app.home.store_file.exists():
         click.echo("{}" if as_json else "nothing learned yet")
         return
-    s = forgetting_summary(app.store, versions, passages)
+    s = daemon_view(app.home, "/forgetting", versions=versions, passages=passages) or \
+        forgetting_summary(app.store, versions, passages)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
