@@ -358,3 +358,39 @@ def subprocess_run(args: list[str]):
 
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=REPO, env=cli_env(), capture_output=True,
                           text=True, timeout=300)
+
+
+# ------------------------------------------------------------------ where it listens
+class _Idle:
+    """What start_api needs of a daemon: its model lock, and no model loaded yet."""
+
+    model_lock = threading.Lock()
+
+    @staticmethod
+    def loaded_learner():
+        return None
+
+
+def test_the_api_listens_on_loopback_unless_told_and_says_where(home):
+    import httpx
+
+    from agent.api.client import read_address
+    from agent.api.service import ApiStartError, start_api
+
+    public = dataclasses.replace(Config(), api=ApiConfig(host="0.0.0.0", port=0))
+    with pytest.raises(ApiStartError, match="not loopback.*--public"):
+        start_api(Home(home), public, _Idle())
+    server = start_api(Home(home), dataclasses.replace(Config(), api=ApiConfig(port=0)), _Idle())
+    try:
+        where = read_address(Home(home))
+        assert where["url"] == server.url and where["host"] == "127.0.0.1" and where["port"] > 0
+        assert (home / "api.json").stat().st_mode & 0o777 == 0o600
+        auth = {"Authorization": f"Bearer {ensure_token(Home(home))}"}
+        r = httpx.post(f"{server.url}/chat/completions", json=_chat(), headers=auth, timeout=10)
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]  # no model yet
+        taken = dataclasses.replace(Config(), api=ApiConfig(port=where["port"]))
+        with pytest.raises(ApiStartError, match="could not listen"):
+            start_api(Home(home), taken, _Idle())
+    finally:
+        server.stop()
+    assert not (home / "api.json").exists()

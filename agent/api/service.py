@@ -55,8 +55,12 @@ class ApiServer:
         config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2, limit_concurrency=max(64, 4 * cfg.queue))
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="seal-api", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="seal-api", daemon=True)
         self.url = ""
+
+    def _serve(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: start() reports it
+            self.server.run()
 
     def start(self, timeout_s: float = 15.0) -> ApiServer:
         self.thread.start()
