@@ -283,7 +283,8 @@ def test_a_real_daemon_serves_the_api_while_it_learns(home, tiny_dir):
         versions = json.loads(run_cli(cli("history", "--json")).stdout)
         assert versions and versions[-1] == httpx.get(f"{url}/adapters", headers=auth, timeout=10).json()["versions"][-1]
         st = json.loads(run_cli(cli("daemon", "status", "--json")).stdout)
-        assert st["running"] and "api" not in st and st["disk"]["total"] > 0
+        assert st["running"] and "api" not in st and st["disk"]["total"] > 0 and st["api_url"] == url
+        assert f"api:            {url}" in run_cli(cli("daemon", "status")).stdout
         assert set(json.loads(run_cli(cli("forgetting", "--json")).stdout)) >= {"per_passage", "window"}
 
         # `seal ask` beside the daemon asks its model: it loads none of its own

@@ -112,6 +112,7 @@ def daemon_status(app: App, as_json: bool) -> None:
         rows = [("home", s["home"])]
         if s["running"]:
             rows.append(("model", s["model"] or "-"))
+            rows.append(("api", s.get("api_url") or "off"))
         rows += [
             ("active adapter", s["active_adapter"] or "none (base model)"),
             ("queue", ", ".join(f"{q[k]} {k}" for k in JOB_STATES) if q else "empty (nothing ingested)"),

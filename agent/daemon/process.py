@@ -286,9 +286,14 @@ def daemon_status(home: Home, now: float | None = None, disk: bool = True) -> di
     info = running(home)
     out: dict = {"running": info is not None, "home": str(home.root), "log": str(home.logs / LOG_NAME),
                  "pid": None, "host": None, "started_at": None, "uptime_s": None, "model": None}
+    out["api_url"] = None
     if info:
         out.update({k: info.get(k) for k in ("pid", "host", "started_at", "model")})
         out["uptime_s"] = now - info["started_at"] if info.get("started_at") else None
+        from ..api.client import read_address
+
+        where = read_address(home)
+        out["api_url"] = where["url"] if where and where.get("pid") == info.get("pid") else None
     out.update({"active_adapter": None, "queue": None, "heartbeat_at": None, "heartbeat_age_s": None,
                 "activity": None, "next_sleep": None, "last_sleep_at": None, "disk": disk_use(home) if disk else None})
     if home.store_file.exists():
