@@ -426,10 +426,13 @@ def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
 
 
 @pytest.mark.real_model
-def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime, tmp_path):
-    """The default policy on the default model: after one passage_chat trial on an
-    invented passage, the closed-book answer about it names the fact it did not know,
-    and the fact is far more likely than before."""
+@pytest.mark.parametrize("policy", ["passage_chat", "passage_cloze", "passage_recall"])
+def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime, tmp_path, policy):
+    """The default policy (and the two that add rule-made questions to it) on the
+    default model: after one trial on an invented passage, the closed-book answer about
+    it names the fact it did not know, and the fact is far more likely than before."""
+    from policies.self_edit import cloze
+
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
@@ -447,8 +450,8 @@ def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime
         probe = [{"id": 1, "question": "What is the name of the only town on the Isle of Brenmoor?", "answer": "Quorrin"}]
         known = learner.score(KNOWLEDGE, title, probe)
         assert known.accuracy == 0.0  # it did not know
-        o = try_candidate(learner, passage, Candidate("passage_chat"), 0, probe, known)
-        assert o.ok and o.n_examples == 3
+        o = try_candidate(learner, passage, Candidate(policy), 0, probe, known)
+        assert o.ok and o.n_examples == 3 + (0 if policy == "passage_chat" else len(cloze(title, text, 10)))
         after = learner.score(TRIAL, title, probe)
         print("closed-book answer:", after.answers, f"log p(Quorrin) per token {known.logprob:.2f} -> {after.logprob:.2f}")
         assert after.accuracy == 1.0
