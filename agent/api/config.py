@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ApiConfig:
-    enabled: bool = field(default=True, metadata={"help": "serve the HTTP API from the daemon (`seal daemon run --no-api` turns it off)"})
+    enabled: bool = field(default=True, metadata={"help": "serve the HTTP API from the daemon (false: no API, no token)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on; anything but loopback also needs `--public` (every request still needs the token)"})
     port: int = field(default=8765, metadata={"help": "TCP port; 0 = any free port (written to <home>/api.json)"})
     max_body_bytes: int = field(default=4_000_000, metadata={"help": "largest request body; larger ones get 413"})
