@@ -431,13 +431,12 @@ def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime
     """The default policy (and the two that add rule-made questions to it) on the
     default model: after one trial on an invented passage, the closed-book answer about
     it names the fact it did not know, and the fact is far more likely than before."""
-    from policies.self_edit import cloze
-
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
     from agent.trial import Candidate, try_candidate
     from agent.wake import WakeConfig
+    from policies.self_edit import cloze
     from store import Store
 
     store = Store(tmp_path / "store.db")
