@@ -233,3 +233,22 @@ def test_a_policy_that_writes_nothing_is_a_row_and_the_default_selects_it_as_the
     assert [t["policy"] for t in p["trials"]] == ["passage", "passage_chat"]  # the row's trial, not trained twice
     assert p["choice"] in ("passage", "passage_chat")
     assert p["conditions"]["default"]["correct"] == p["conditions"][p["choice"]]["correct"]
+
+
+def test_candidate_ranking_says_how_often_each_reward_picked_the_candidate_better_on_the_probes():
+    from agent.bench.squad import candidate_ranking
+
+    def record(trials, accs):
+        return {"trials": [{"policy": p, "reward": r, "other": o, "ok": True} for p, r, o in trials],
+                "conditions": {p: {"accuracy": a} for p, a in accs.items()}}
+
+    result = {"config": {"policies": {"reward": "answer_logprob"}}, "per_passage": [
+        record([("passage", 2.0, 0.5), ("passage_chat", 1.0, 0.5)], {"passage": 0.0, "passage_chat": 1.0}),  # wrong, tied
+        record([("passage", 1.0, 0.0), ("passage_chat", 3.0, 0.5)], {"passage": 0.0, "passage_chat": 0.5}),  # right, right
+        record([("passage", 1.0, 0.0), ("passage_chat", 3.0, 0.5)], {"passage": 0.5, "passage_chat": 0.5}),  # undecided
+        record([("passage", 1.0, 0.0), ("rewrite", 3.0, 0.5)], {"passage": 0.5}),  # rewrite has no row: left out
+    ]}
+    got = candidate_ranking(result)
+    assert got["answer_logprob"] | {"spearman_within_passage": None} == {
+        "trials": 6, "spearman_within_passage": None, "picked_best": 1, "tied": 0, "passages_decided": 2}
+    assert got["qa_accuracy"]["picked_best"] == 1 and got["qa_accuracy"]["tied"] == 1

@@ -248,6 +248,13 @@ def _print_squad(result: dict) -> None:
         fmt = lambda v: "n/a" if v is None else f"{v:+.2f}"  # noqa: E731
         click.echo(f"reward {name}: Spearman with probe accuracy {fmt(r['spearman'])} over {r['trials']} trials, "
                    f"{fmt(r['spearman_within_passage'])} within passages")
+    from .squad import candidate_ranking
+
+    for name, r in candidate_ranking(result).items():
+        rho = "n/a" if r["spearman_within_passage"] is None else f"{r['spearman_within_passage']:+.2f}"
+        click.echo(f"selection by {name}: of {r['passages_decided']} passages whose candidates differed on the "
+                   f"probes, its top candidate was the better one on {r['picked_best']}, it tied on {r['tied']}; "
+                   f"Spearman within passages {rho} ({r['trials']} trials)")
     e = result.get("editors")
     if e:
         click.echo(f"editors: ReST-EM on {len(e['passages'])} tune passages, pairs per round {e['pairs']}")

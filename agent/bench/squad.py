@@ -121,6 +121,39 @@ def reward_correlations(records: list[dict]) -> dict:
     return out
 
 
+def candidate_ranking(result: dict) -> dict:
+    """How well the rewards on the reward questions ranked the default row's candidates
+    as their probe accuracy ranks them (read from the saved per-passage records, so any
+    result can be studied again): for the selecting reward and the tie-break, Spearman's
+    rho within passages, and on the passages where the candidates' probe accuracies
+    differ, how often the one candidate with the highest reward also had the highest
+    probe accuracy, and how often the reward tied (then the other reward decides).
+    Only candidates with a row of their own (passage, a fixed policy) count."""
+    selecting = (result.get("config") or {}).get("policies", {}).get("reward", "answer_logprob")
+    other = "qa_accuracy" if selecting == "answer_logprob" else "answer_logprob"
+    out = {}
+    for name, key in ((selecting, "reward"), (other, "other")):
+        within: tuple[list[float], list[float]] = ([], [])
+        right = decided = ties = 0
+        for r in result.get("per_passage", []):
+            got = [(t[key], r["conditions"][t["policy"]]["accuracy"]) for t in r.get("trials", [])
+                   if t.get("ok") and t["policy"] in r["conditions"] and t[key] is not None and math.isfinite(t[key])]
+            if len(got) < 2:
+                continue
+            mr, mp = sum(g[0] for g in got) / len(got), sum(g[1] for g in got) / len(got)
+            within[0].extend(g[0] - mr for g in got)
+            within[1].extend(g[1] - mp for g in got)
+            if len({g[1] for g in got}) > 1:  # the candidates differ on the probes
+                decided += 1
+                top = [g for g in got if g[0] == max(h[0] for h in got)]
+                ties += len(top) > 1  # the reward could not tell them apart
+                right += len(top) == 1 and top[0][1] == max(g[1] for g in got)
+        if within[0]:
+            out[name] = {"trials": len(within[0]), "spearman_within_passage": spearman(*within),
+                         "picked_best": right, "tied": ties, "passages_decided": decided}
+    return out
+
+
 def _share(memos: list[dict | None]) -> float | None:
     """Share of passages whose 32-token continuation came back verbatim."""
     got = [m["exact"] for m in memos if m and m.get("exact") is not None]
