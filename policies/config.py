@@ -19,7 +19,7 @@ class PolicyConfig:
     augment: str = field(default="off", metadata={"help": "off: each self-edit is a candidate (best-of-N) | also: plus one candidate training all N together | only: just that one"})
     questions: str = field(default="given", metadata={"help": "question policy: given (user's, else self-written) | self"})
     reward: str = field(default="answer_logprob", metadata={"help": "reward that selects: answer_logprob | qa_accuracy | teacher_agreement (label-free: self-written questions, see distill)"})
-    selection: str = field(default="prefer_edit", metadata={"help": "selection policy: prefer_edit (the best self-edit unless passage-only beats it by edit_margin) | floor (passage-only unless a self-edit beats it by edit_margin) | best_of_n"})
+    selection: str = field(default="prefer_edit", metadata={"help": "selection policy: prefer_edit (the best self-edit unless passage-only beats it by edit_margin) | floor (passage-only unless a self-edit beats it by edit_margin) | best_of_n | always (the best trial, whatever its gain)"})
     min_gain: float = field(default=0.0, metadata={"help": "best_of_n: a committed update must beat the no-update baseline by more than this (floor commits passage-only whenever it trained)"})
     edit_margin: float = field(default=0.05, metadata={"help": "a self-edit must beat the passage-only trial by more than this to be preferred"})
     include_passage: bool = field(default=True, metadata={"help": "also train a passage-only trial and let it compete"})

@@ -86,10 +86,23 @@ def prefer_edit(trials: list[Trial], min_gain: float, edit_margin: float) -> Cho
     return Choice(best.idx, f"{best.policy}#{best.idx}: best self-edit, within the margin of passage-only or above it")
 
 
+def always(trials: list[Trial], min_gain: float, edit_margin: float) -> Choice:
+    """The best trial by reward is committed, whatever its gain: learning the passage is
+    the job, and on the tune split the rewards on a passage's two reward questions
+    picked the better of two candidates no more often than a coin (README). With one
+    fixed candidate (the default: ``passage_recall`` alone) it is that one. Only a
+    failed guard (a non-finite loss) keeps the current adapter."""
+    ok = [t for t in trials if t.ok]
+    if not ok:
+        return Choice(None, "every trial failed a guard")
+    best = max(ok, key=lambda t: (t.reward, t.other))
+    return Choice(best.idx, f"{best.policy}#{best.idx} committed (gain {best.reward:+.3f}; selection always)")
+
+
 SelectionFn = Callable[[list[Trial], float, float], Choice]
 
 SELECTIONS: Registry[SelectionFn] = Registry(
-    "selection policy", {"best_of_n": best_of_n, "floor": floor, "prefer_edit": prefer_edit}
+    "selection policy", {"best_of_n": best_of_n, "floor": floor, "prefer_edit": prefer_edit, "always": always}
 )
 
 

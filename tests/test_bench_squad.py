@@ -172,9 +172,9 @@ def _probes(n: int) -> set[int]:
 
 
 @pytest.mark.parametrize("rewards, expect", [
-    ((-0.5, -0.2, -0.3), {"best_of_n": None, "floor": 1, "prefer_edit": 1}),  # logprob fell everywhere
-    ((0.3, 0.2, 0.25), {"best_of_n": 0, "floor": 0, "prefer_edit": 2}),  # edits within the margin
-    ((0.3, 0.1, 0.2), {"best_of_n": 0, "floor": 0, "prefer_edit": 0}),  # passage-only clearly better
+    ((-0.5, -0.2, -0.3), {"best_of_n": None, "floor": 1, "prefer_edit": 1, "always": 1}),  # logprob fell everywhere
+    ((0.3, 0.2, 0.25), {"best_of_n": 0, "floor": 0, "prefer_edit": 2, "always": 0}),  # edits within the margin
+    ((0.3, 0.1, 0.2), {"best_of_n": 0, "floor": 0, "prefer_edit": 0, "always": 0}),  # passage-only clearly better
 ])
 def test_selection_policies(rewards, expect):
     trials = [selection.Trial(1, "passage", rewards[0], 0.0),

@@ -34,7 +34,7 @@ def test_registries_hold_the_known_names_in_order():
                                                 "distill", "distill_onpolicy", "augmented"]
     assert list(questions.QUESTION_POLICIES) == ["given", "self"]
     assert list(reward.REWARDS) == ["answer_logprob", "qa_accuracy", "teacher_agreement"]
-    assert list(selection.SELECTIONS) == ["best_of_n", "floor", "prefer_edit"]
+    assert list(selection.SELECTIONS) == ["best_of_n", "floor", "prefer_edit", "always"]
     assert list(consolidation.CONSOLIDATIONS) == ["replay", "dream", "merge"]
     assert list(schedule.SCHEDULES) == ["never", "interval", "commits", "idle", "cron"]
 
