@@ -81,7 +81,7 @@ def test_an_unknown_name_is_one_line_naming_the_known_ones():
 
 
 def test_configs_name_the_field_and_the_known_policies():
-    with pytest.raises(ValueError, match=r"^selection: unknown selection policy 'x' \(known: best_of_n, floor, prefer_edit\)$"):
+    with pytest.raises(ValueError, match=r"^selection: unknown selection policy 'x' \(known: best_of_n, floor, prefer_edit, always\)$"):
         PolicyConfig(selection="x")
     with pytest.raises(ValueError, match=r"^reward: unknown reward 'x' \(known: answer_logprob, qa_accuracy, teacher_agreement\)$"):
         PolicyConfig(reward="x")
