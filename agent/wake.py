@@ -216,7 +216,7 @@ def _evaluate_new(learner: Learner, passage: dict, probe_qs: list[dict], job: Jo
     store = learner.store
     after = learner.score(KNOWLEDGE, passage["title"], probe_qs) if probe_qs else None
     earlier = []
-    for pid in _rotating_sample(store.learned_passages(), passage["id"], learner.cfg.forgetting_sample, job.id):
+    for pid in store.learned_sample(passage["id"], learner.cfg.forgetting_sample, job.id):
         qs = store.questions(pid, role="probe")
         if qs:
             earlier.append((pid, learner.score(KNOWLEDGE, store.passage(pid)["title"], qs)))
@@ -258,25 +258,13 @@ def _eval_row(adapter_id: str | None, passage_id: int, kind: str, s: Scores) -> 
             "accuracy": s.accuracy, "f1": s.f1, "logprob": s.logprob, "n": s.n}
 
 
-def _rotating_sample(learned: list[int], current: int, k: int, turn: int) -> list[int]:
-    """k earlier passages, a different slice each turn, so that over time every
-    learned passage is re-measured."""
-    earlier = [p for p in learned if p != current]
-    if not earlier or k <= 0:
-        return []
-    if len(earlier) <= k:
-        return earlier
-    start = (turn * k) % len(earlier)
-    return [earlier[(start + i) % len(earlier)] for i in range(k)]
-
-
 # Faults of the machine rather than of the passage: they do not count as an attempt.
 TEMPORARY = (OSError, MemoryError, sqlite3.OperationalError)
 
 
 def learn(learner: Learner, max_passages: int | None = None, on_event: OnEvent = ignore,
           should_stop: Callable[[], bool] = lambda: False,
-          on_report: Callable[[CycleReport], None] | None = None) -> list[CycleReport]:
+          on_report: Callable[[CycleReport], None] | None = None, recover: bool = True) -> list[CycleReport]:
     """Drain the queue (burst mode): claim, learn, repeat. A failure is recorded on
     the job (retried up to max_attempts) and the loop goes on; a temporary fault
     (``TEMPORARY``: disk full, out of memory, a locked database) gives the job back
@@ -285,8 +273,10 @@ def learn(learner: Learner, max_passages: int | None = None, on_event: OnEvent =
     when the queue is next claimed from, so a poison passage never blocks it. When ``should_stop``
     turns true mid-cycle, the cycle is abandoned at its next heartbeat: the live
     adapter is reloaded from the store and the claim given back without counting an
-    attempt, and the loop stops."""
-    learner.recover()
+    attempt, and the loop stops. ``recover``: first give back dead workers' claims and
+    remove half-written folders (the daemon did that once, at its start)."""
+    if recover:
+        learner.recover()
     reports: list[CycleReport] = []
     while (max_passages is None or len(reports) < max_passages) and not should_stop():
         job = learner.store.claim_next(learner.worker, max_attempts=learner.cfg.max_attempts)

@@ -54,6 +54,24 @@ class LearningStore:
         sql = "SELECT DISTINCT passage_id FROM cycles WHERE outcome = 'committed' ORDER BY passage_id"
         return [pid for (pid,) in self.db.execute(sql).fetchall()]
 
+    def learned_sample(self, current: int, k: int, turn: int) -> list[int]:
+        """Up to ``k`` learned passages other than ``current``, a different window each
+        ``turn``: the window starts at id ``turn * k`` modulo the largest learned id and
+        wraps around, so that over the turns every learned passage is re-measured. Two
+        index range scans: its cost does not grow with the passages learned."""
+        if k <= 0:
+            return []
+        row = self._one("SELECT MAX(passage_id) AS m FROM cycles WHERE outcome = 'committed'")
+        if not row or row["m"] is None:
+            return []
+        start = (turn * k) % (row["m"] + 1)
+        sql = ("SELECT DISTINCT passage_id FROM cycles WHERE outcome = 'committed' AND passage_id >= ? "
+               "AND passage_id < ? AND passage_id != ? ORDER BY passage_id LIMIT ?")
+        got = [p for (p,) in self.db.execute(sql, [start, row["m"] + 1, current, k]).fetchall()]
+        if len(got) < k:  # wrap around to the start
+            got += [p for (p,) in self.db.execute(sql, [0, start, current, k - len(got)]).fetchall()]
+        return got
+
     def last_wake_versions(self, name: str) -> dict[int, int]:
         """Passage -> the version number of its latest wake version of ``name``."""
         sql = ("SELECT passage_id, MAX(version) FROM adapters WHERE name = ? AND kind = 'wake' "
@@ -146,8 +164,10 @@ class LearningStore:
         pruning this stays a few dozen rows however long the history."""
         paths = list(paths)
         marks = ",".join("?" * len(paths))
+        # two index lookups (the live versions; the folders on disk), not a scan of every version
         rows = self._rows(f"SELECT * FROM adapters WHERE status != 'pruned'"
-                          f"{f' OR path IN ({marks})' if paths else ''} ORDER BY name, version", paths)
+                          f"{f' UNION SELECT * FROM adapters WHERE path IN ({marks})' if paths else ''}"
+                          " ORDER BY name, version", paths)
         return [self._adapter_row(r) for r in rows]
 
     def known_paths(self, paths: Iterable[str]) -> set[str]:

@@ -291,3 +291,15 @@ def job_deferrals(db: Database) -> None:
     is the passage's after all), so that nothing loops for ever."""
     db["jobs"].add_column("deferrals", int, not_null_default=0)
     db["jobs"].create_index(["state", "deferrals", "id"], if_not_exists=True)
+
+
+@migrations(name="0008_heartbeat_indexes")
+def heartbeat_indexes(db: Database) -> None:
+    """What every daemon cycle and heartbeat reads, by index rather than by scanning a
+    table that grows with every passage: the versions not yet pruned (the prune plan),
+    versions by folder (recovery), the commits since the last sleep (the schedule) and
+    the last sleep itself."""
+    db.execute("CREATE INDEX IF NOT EXISTS idx_adapters_live ON adapters(name, version) WHERE status != 'pruned'")
+    db["adapters"].create_index(["path"], if_not_exists=True)
+    db["adapters"].create_index(["name", "kind", "created_at"], if_not_exists=True)
+    db["sleeps"].create_index(["started_at"], if_not_exists=True)

@@ -44,7 +44,7 @@ class SleepStore:
 
     def last_sleep_at(self) -> float | None:
         """When the last sleep (of any outcome but 'failed') started; None if never."""
-        row = self._one("SELECT MAX(started_at) AS t FROM sleeps WHERE outcome != 'failed'")
+        row = self._one("SELECT started_at AS t FROM sleeps WHERE outcome != 'failed' ORDER BY started_at DESC LIMIT 1")
         return row["t"] if row else None
 
     # "knowledge" is adapters.names.KNOWLEDGE (the store imports nothing of the project)

@@ -51,7 +51,8 @@ def test_a_memory_store_is_migrated_and_leaves_no_file(tmp_path: Path, monkeypat
         assert store.path is None
         assert [name for name, _ in _applied(store)] == ["0001_ingest", "0002_learning", "0003_sleep",
                                                        "0004_transfer_sets", "0005_scale_indexes",
-                                                       "0006_window_indexes", "0007_job_deferrals"]
+                                                       "0006_window_indexes", "0007_job_deferrals",
+                                                       "0008_heartbeat_indexes"]
         assert migrations.pending(store.db) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "memory"
         assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -186,3 +187,23 @@ def test_four_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path):
         with Store(path) as store:
             assert list(migrations.pending(store.db)) == []
             assert len({m.name for m in migrations.applied(store.db)}) == len(list(migrations.applied(store.db)))
+
+
+def test_the_forgetting_sample_rotates_over_every_learned_passage_in_bounded_windows(tmp_path):
+    """A wake cycle re-measures k earlier passages: a window by id that moves with the
+    turn and wraps around, so that over the turns each learned passage comes up."""
+    with Store(tmp_path / "s.db") as store:
+        assert store.learned_sample(1, 4, 0) == []
+        learned = list(range(1, 40, 3))  # ids 1, 4, ..., 37: not every id is a learned passage
+        with store.db.atomic():
+            for pid in learned:
+                store.db["cycles"].insert({"passage_id": pid, "outcome": "committed", "started_at": 1.0})
+            store.db["cycles"].insert({"passage_id": 2, "outcome": "failed", "started_at": 1.0})
+        seen: set[int] = set()
+        for turn in range(20):
+            got = store.learned_sample(37, 4, turn)
+            assert len(got) == 4 == len(set(got)) and 37 not in got and set(got) <= set(learned)
+            seen |= set(got)
+        assert seen == set(learned) - {37}
+        assert sorted(store.learned_sample(1, 50, 3)) == learned[1:]  # fewer than k: all of them
+        assert store.learned_sample(1, 0, 3) == []

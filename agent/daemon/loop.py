@@ -192,7 +192,8 @@ class Daemon:
 
         self.activity = "learning"
         try:
-            reports = learn(self.learner, max_passages=1, on_event=log_lines(progress), should_stop=self._stop.is_set)
+            reports = learn(self.learner, max_passages=1, on_event=log_lines(progress), should_stop=self._stop.is_set,
+                            recover=False)  # start() recovered, and the writer lock keeps any other worker out
         finally:
             self.activity = "idle"
         for r in reports:
@@ -306,9 +307,10 @@ class Daemon:
         try:
             with Store(self.home.store_file) as store:
                 due = self.next_sleep(now, store)
-                store.set_state(STATE_HEARTBEAT, repr(float(now)))
-                store.set_state(STATE_ACTIVITY, self.activity)
-                store.set_state(STATE_NEXT_SLEEP, json.dumps({"at": due.next_at, "due": due.due, "reason": due.reason}))
+                with store.db.atomic():  # one commit, not three
+                    store.set_state(STATE_HEARTBEAT, repr(float(now)))
+                    store.set_state(STATE_ACTIVITY, self.activity)
+                    store.set_state(STATE_NEXT_SLEEP, json.dumps({"at": due.next_at, "due": due.due, "reason": due.reason}))
         except Exception:  # writing the status must never take the daemon down
             log.exception("writing the status failed")
 
