@@ -165,9 +165,11 @@ class LearningStore:
         paths = list(paths)
         marks = ",".join("?" * len(paths))
         # two index lookups (the live versions; the folders on disk), not a scan of every version
-        rows = self._rows(f"SELECT * FROM adapters WHERE status != 'pruned'"
-                          f"{f' UNION SELECT * FROM adapters WHERE path IN ({marks})' if paths else ''}"
-                          " ORDER BY name, version", paths)
+        rows = self._rows("SELECT * FROM adapters WHERE status != 'pruned'")
+        if paths:
+            seen = {r["id"] for r in rows}
+            rows += [r for r in self._rows(f"SELECT * FROM adapters WHERE path IN ({marks})", paths) if r["id"] not in seen]
+        rows.sort(key=lambda r: (r["name"], r["version"]))
         return [self._adapter_row(r) for r in rows]
 
     def known_paths(self, paths: Iterable[str]) -> set[str]:
