@@ -426,11 +426,11 @@ def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("policy", ["passage_chat", "passage_cloze", "passage_recall"])
+@pytest.mark.parametrize("policy", ["passage_chat", "passage_recall"])  # passage_cloze: its builder is recall's
 def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime, tmp_path, policy):
-    """The default policy (and the two that add rule-made questions to it) on the
-    default model: after one trial on an invented passage, the closed-book answer about
-    it names the fact it did not know, and the fact is far more likely than before."""
+    """The default policy (and passage_recall, which adds rule-made questions to it) on
+    the default model: after one trial on an invented passage, the closed-book answer
+    about it names the fact it did not know, and the fact is far more likely than before."""
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
