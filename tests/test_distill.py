@@ -426,11 +426,12 @@ def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("policy", ["passage_chat", "passage_recall"])  # passage_cloze: its builder is recall's
-def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime, tmp_path, policy):
-    """The default policy (and passage_recall, which adds rule-made questions to it) on
-    the default model: after one trial on an invented passage, the closed-book answer
-    about it names the fact it did not know, and the fact is far more likely than before."""
+@pytest.mark.parametrize("policy", ["passage_cloze", "passage_recall"])
+def test_real_model_rule_made_questions_answer_an_invented_fact(real_runtime, tmp_path, policy):
+    """passage_chat plus rule-made questions, on the default model: after one trial on
+    an invented passage, the closed-book answer names the fact it did not know, and the
+    fact is far more likely than before. (The default, passage_chat, learns the same
+    fact in a whole wake cycle in tests/test_api.py's real-model test.)"""
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
@@ -450,7 +451,7 @@ def test_real_model_passage_chat_answers_what_passage_only_does_not(real_runtime
         known = learner.score(KNOWLEDGE, title, probe)
         assert known.accuracy == 0.0  # it did not know
         o = try_candidate(learner, passage, Candidate(policy), 0, probe, known)
-        assert o.ok and o.n_examples == 3 + (0 if policy == "passage_chat" else len(cloze(title, text, 10)))
+        assert o.ok and o.n_examples == 3 + len(cloze(title, text, 10))
         after = learner.score(TRIAL, title, probe)
         print("closed-book answer:", after.answers, f"log p(Quorrin) per token {known.logprob:.2f} -> {after.logprob:.2f}")
         assert after.accuracy == 1.0
