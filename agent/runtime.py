@@ -298,15 +298,7 @@ class Runtime:
                 enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
                           truncation=True, max_length=room)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                gen_kwargs = dict(
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                if temperature > 0:
-                    gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-                else:
-                    gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                gen_kwargs = self._generation_kwargs(max_new_tokens, temperature, top_p)
                 devices = [self.device.index or 0] if self.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):  # leave the caller's RNG alone
                     torch.manual_seed(seed + start)
@@ -325,6 +317,15 @@ class Runtime:
             tok.padding_side, tok.truncation_side = old_side, old_cut
             self.model.train(was_training)
         return out
+
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+        """``model.generate``'s settings, shared by ``generate`` and ``stream``: greedy
+        when ``temperature`` is 0, else sampled with nucleus ``top_p``."""
+        tok = self.tokenizer
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if temperature > 0:
+            return {**kw, "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        return {**kw, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
     @torch.no_grad()
     def stream(self, prompt: str, on_text: Callable[[str], None], *, max_new_tokens: int = 64,
@@ -354,13 +355,9 @@ class Runtime:
             enc = tok([prompt], return_tensors="pt", add_special_tokens=False, truncation=True,
                       max_length=max(1, self.context_length - max_new_tokens))
             enc = {k: v.to(self.device) for k, v in enc.items()}
-            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            kw = dict(self._generation_kwargs(max_new_tokens, temperature, top_p),
                       streamer=_Pieces(tok, skip_prompt=True, skip_special_tokens=True),
                       stopping_criteria=StoppingCriteriaList([_Stop()]))
-            if temperature > 0:
-                kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            else:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)

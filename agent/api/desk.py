@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -61,7 +60,6 @@ class ChatJob:
     n_tokens: int = 0
     finish: str = "stop"  # stop | length
     error: BaseException | None = None
-    waited_s: float = 0.0
 
 
 class Desk:
@@ -112,12 +110,10 @@ class Desk:
             job = self._jobs.get()
             if job is None:
                 return
-            t0 = time.monotonic()
             try:
                 while not job.cancelled.is_set():  # a request given up on stops waiting for the model
                     if self._lock.acquire(timeout=0.25):
                         try:
-                            job.waited_s = time.monotonic() - t0
                             job.started.set()
                             self._answer(job)
                         finally:
