@@ -147,9 +147,10 @@ class LearningStore:
         (rolled-back ones aside), in learning order; ``last``: only the N learned last
         (read newest first, so that it stops after N; ``+b.name`` keeps SQLite on the
         passage index for the earlier-version check). Rows: passage_id, adapter_id,
-        version. Also returns how many there are in all."""
+        version. Also returns how many there are in all (a counter that triggers keep,
+        migration 0009)."""
         wake = "name = ? AND kind = 'wake' AND passage_id IS NOT NULL AND status != 'rolled_back'"
-        total = self._one(f"SELECT COUNT(DISTINCT passage_id) AS n FROM adapters WHERE {wake}", [name])["n"]
+        total = (self._one("SELECT n FROM learned_counts WHERE name = ?", [name]) or {"n": 0})["n"]  # kept by triggers
         rows = self._rows(
             f"""SELECT a.passage_id, a.id AS adapter_id, a.version FROM adapters a
                 WHERE a.{wake.replace(" AND ", " AND a.")}
@@ -235,7 +236,7 @@ class LearningStore:
         """Adapter versions oldest first (all names, or one), each with its passage's
         title and the probe accuracy measured on that passage at commit time;
         ``newest``: only the last N versions of each name."""
-        names = [name] if name is not None else [r["name"] for r in self._rows("SELECT DISTINCT name FROM adapters")]
+        names = [name] if name is not None else self.adapter_names()
         out = []
         for n in sorted(names):
             rows = self._rows(
@@ -248,6 +249,14 @@ class LearningStore:
             )
             out += [self._adapter_row(r) for r in reversed(rows)]
         return out
+
+    def adapter_names(self) -> list[str]:
+        """The adapter names in use, in order: one index seek per name (a DISTINCT
+        reads every version's index entry)."""
+        return [r["name"] for r in self._rows(
+            """WITH RECURSIVE n(name) AS (SELECT MIN(name) FROM adapters
+                   UNION ALL SELECT (SELECT MIN(name) FROM adapters WHERE name > n.name) FROM n WHERE n.name IS NOT NULL)
+               SELECT name FROM n WHERE name IS NOT NULL""")]
 
     def active_adapters(self) -> dict[str, str]:
         """Adapter name -> its active version id."""

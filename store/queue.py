@@ -349,8 +349,9 @@ class QueueStore:
         )
 
     def queue_summary(self) -> dict[str, int]:
+        """Jobs by state, from the counters the triggers keep (migration 0009)."""
         counts = dict.fromkeys(JOB_STATES, 0)
-        for r in self._rows("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+        for r in self._rows("SELECT state, n FROM job_counts"):
             counts[r["state"]] = r["n"]
         return counts
 

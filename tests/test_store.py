@@ -52,7 +52,7 @@ def test_a_memory_store_is_migrated_and_leaves_no_file(tmp_path: Path, monkeypat
         assert [name for name, _ in _applied(store)] == ["0001_ingest", "0002_learning", "0003_sleep",
                                                        "0004_transfer_sets", "0005_scale_indexes",
                                                        "0006_window_indexes", "0007_job_deferrals",
-                                                       "0008_heartbeat_indexes"]
+                                                       "0008_heartbeat_indexes", "0009_counters"]
         assert migrations.pending(store.db) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "memory"
         assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -207,3 +207,76 @@ def test_the_forgetting_sample_rotates_over_every_learned_passage_in_bounded_win
         assert seen == set(learned) - {37}
         assert sorted(store.learned_sample(1, 50, 3)) == learned[1:]  # fewer than k: all of them
         assert store.learned_sample(1, 0, 3) == []
+
+
+def _counted(store: Store) -> tuple[dict, int]:
+    """Jobs by state and learned passages, counted the slow way (what the counters
+    must always equal)."""
+    by_state = dict.fromkeys(JOB_STATES, 0)
+    for state, n in store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        by_state[state] = n
+    learned = store.db.execute(
+        "SELECT COUNT(DISTINCT passage_id) FROM adapters WHERE name = 'knowledge' AND kind = 'wake' "
+        "AND passage_id IS NOT NULL AND status != 'rolled_back'").fetchone()[0]
+    return by_state, learned
+
+
+def test_the_counters_follow_every_change_of_jobs_and_versions(mem: Store):
+    """Jobs by state and learned passages are counters kept by triggers (0009): after
+    claims, failures, retries, commits, a second version of a passage, rollbacks and
+    prunes they equal a full count, and an aborted transaction moves neither."""
+    mem.ingest([_document("alpha", 3), _document("beta", 3)], now=1.0)
+
+    def same() -> None:
+        by_state, learned = _counted(mem)
+        assert mem.queue_summary() == by_state
+        assert mem.first_learned("knowledge")[1] == learned
+
+    same()
+    for v, pid in enumerate([1, 2, 1, 3], start=1):  # passage 1 learned twice
+        job = mem.claim_next("w", now=2.0)
+        same()
+        mem.add_adapter(_adapter(v, pid), activate=True)
+        mem.finish_job(job.id, now=3.0)
+        same()
+    assert mem.first_learned("knowledge")[1] == 3
+    job = mem.claim_next("w", now=4.0)
+    mem.fail_job(job.id, "boom", max_attempts=1, now=5.0)
+    same()
+    mem.retry_jobs(None, now=6.0)
+    same()
+    mem.set_active("knowledge", "knowledge-0002")  # versions 3 and 4 rolled back: passage 3 unlearned, 1 stays
+    same()
+    assert mem.first_learned("knowledge")[1] == 2
+    mem.mark_pruned([{"id": "knowledge-0001", "path": "knowledge-0001"}], {}, now=5.5)  # pruned still learned
+    same()
+    assert mem.first_learned("knowledge")[1] == 2
+    mem.set_active("knowledge", "knowledge-0004")  # back again
+    same()
+    assert mem.first_learned("knowledge")[1] == 3
+    with pytest.raises(RuntimeError), mem.db.atomic():
+        mem.db.execute("UPDATE jobs SET state = 'failed'")
+        raise RuntimeError("abort")
+    same()
+    mem.db.execute("DELETE FROM jobs WHERE state = 'pending'")
+    same()
+
+
+def test_the_counters_migration_counts_what_a_store_already_holds(tmp_path: Path):
+    """A store made before 0009 gets counters equal to what it already holds."""
+    path = tmp_path / "old.db"
+    with Store(path) as store:
+        store.ingest([_document("alpha", 3)], now=1.0)
+        job = store.claim_next("w", now=2.0)
+        store.add_adapter(_adapter(1, job.passage_id), activate=True)
+        store.finish_job(job.id, now=3.0)
+        expected = _counted(store)
+        # back to before 0009, as a store of an older seal would be
+        triggers = [r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+        assert len(triggers) == 6
+        for sql in (*(f"DROP TRIGGER {t}" for t in triggers), "DROP TABLE job_counts", "DROP TABLE learned_counts",
+                    "DELETE FROM _sqlite_migrations WHERE name = '0009_counters'"):
+            store.db.execute(sql)
+    with Store(path) as store:
+        assert (store.queue_summary(), store.first_learned("knowledge")[1]) == expected == (
+            {"pending": 2, "claimed": 0, "done": 1, "failed": 0}, 1)
