@@ -302,6 +302,12 @@ class Augmented:
         return [Example(prompt="", completion=passage_text(title, text))]
 
 
+def asks_by_rule(name: str) -> bool:
+    """True for a policy that trains on the rule-made questions (``cloze``): they are
+    not held out from its trials."""
+    return isinstance(SELF_EDIT_POLICIES.get(name), type) and issubclass(SELF_EDIT_POLICIES.get(name), PassageCloze)
+
+
 def pack(edits: list[tuple[str, str]]) -> str:
     return json.dumps([[policy, text] for policy, text in edits], ensure_ascii=False)
 

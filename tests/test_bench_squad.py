@@ -5,6 +5,7 @@ ReST-EM editors are trained on tune passages only, and the selection rules."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import zlib
 from pathlib import Path
@@ -233,6 +234,24 @@ def test_a_policy_that_writes_nothing_is_a_row_and_the_default_selects_it_as_the
     assert [t["policy"] for t in p["trials"]] == ["passage", "passage_chat"]  # the row's trial, not trained twice
     assert p["choice"] in ("passage", "passage_chat")
     assert p["conditions"]["default"]["correct"] == p["conditions"][p["choice"]]["correct"]
+
+
+def test_the_reward_study_scores_every_trial_on_held_out_rule_made_questions(tokenizer, data_file):
+    """Every passage has questions made by rule; each trial that did not train on them
+    gets the cloze rewards beside its probe accuracy, and one that did (passage_cloze)
+    does not."""
+    runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    cfg = dataclasses.replace(_cfg(), policies=PolicyConfig(self_edit="passage_chat", selection="prefer_edit"))
+    got = run_squad(runtime, cfg, data_path=data_file, passages=1, seed=3, policies=("passage_chat", "passage_cloze"),
+                    reward_study=True)
+    (p,) = got["per_passage"]
+    assert p["n_rule_questions"] > 0
+    rows = {t["policy"]: t for t in p["reward_study"]}
+    assert set(rows) == {"passage", "passage_chat", "passage_cloze"}
+    for name in ("passage", "passage_chat"):
+        assert all(math.isfinite(rows[name][k]) for k in ("cloze_logprob", "cloze_accuracy", "cloze_agreement"))
+    assert "cloze_logprob" not in rows["passage_cloze"]
+    assert got["reward_study"]["cloze_logprob"]["trials"] == 2
 
 
 def test_candidate_ranking_says_how_often_each_reward_picked_the_candidate_better_on_the_probes():

@@ -332,6 +332,9 @@ def test_spearman_and_the_margins_of_the_default_row():
     r = reward_correlations(records)
     assert r["teacher_agreement"]["spearman"] == pytest.approx(1.0) and r["teacher_agreement"]["trials"] == 3
     assert r["answer_logprob"]["spearman"] == pytest.approx(-0.5)
+    # selection within the passage: teacher_agreement's top trial is the best one, answer_logprob's is not
+    assert (r["teacher_agreement"]["picked_best"], r["teacher_agreement"]["passages_decided"]) == (1, 1)
+    assert (r["answer_logprob"]["picked_best"], r["answer_logprob"]["tied"]) == (0, 0)
 
 
 def test_a_winning_augmented_candidate_teaches_the_writer_each_of_its_self_edits(tokenizer, home):

@@ -246,8 +246,10 @@ def _print_squad(result: dict) -> None:
         click.echo(f"{name}: {m['points']:+.1f} points (95% CI {lo:+.1f} to {hi:+.1f}, {m['questions']} paired questions)")
     for name, r in (result.get("reward_study") or {}).items():
         fmt = lambda v: "n/a" if v is None else f"{v:+.2f}"  # noqa: E731
+        picked = (f"; best trial picked on {r['picked_best']} of {r['passages_decided']} passages, "
+                  f"tied on {r['tied']}" if "picked_best" in r else "")
         click.echo(f"reward {name}: Spearman with probe accuracy {fmt(r['spearman'])} over {r['trials']} trials, "
-                   f"{fmt(r['spearman_within_passage'])} within passages")
+                   f"{fmt(r['spearman_within_passage'])} within passages{picked}")
     from .squad import candidate_ranking
 
     for name, r in candidate_ranking(result).items():

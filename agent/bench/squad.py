@@ -56,7 +56,9 @@ from ..trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candida
 from .common import DEFAULT_POLICIES, bootstrap_ci, draw, load_squad, versions
 
 DEFAULT_ROW = "default"  # exactly the wake cycle with the configuration given: its candidates, reward and selection
-REWARD_NAMES = ("answer_logprob", "qa_accuracy", "teacher_agreement")
+REWARD_NAMES = ("answer_logprob", "qa_accuracy", "teacher_agreement", "cloze_logprob", "cloze_accuracy",
+                "cloze_agreement")
+RULE_QUESTIONS = 10  # the reward study's questions made by rule (``self_edit.cloze``), held out from training
 
 
 def margins(records: list[dict], row: str = DEFAULT_ROW) -> dict:
@@ -101,10 +103,13 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def reward_correlations(records: list[dict]) -> dict:
     """Which reward predicts probe accuracy: Spearman's rho over every trial of the
     reward study, pooled, and within passages (each trial's reward and probe accuracy
-    minus its passage's mean: what selection among one passage's candidates sees)."""
+    minus its passage's mean: what selection among one passage's candidates sees), and
+    on the passages whose trials differ on the probes, how often the trial with the
+    highest reward was the best one (``picked_best``) or the reward tied."""
     out = {}
     for name in REWARD_NAMES:
         pooled, within = ([], []), ([], [])
+        right = decided = ties = 0
         for r in records:
             rows = [t for t in r.get("reward_study", []) if t.get(name) is not None and math.isfinite(t[name])]
             for t in rows:
@@ -115,9 +120,15 @@ def reward_correlations(records: list[dict]) -> dict:
                 mp = sum(t["probe_acc"] for t in rows) / len(rows)
                 within[0].extend(t[name] - mr for t in rows)
                 within[1].extend(t["probe_acc"] - mp for t in rows)
+                if len({t["probe_acc"] for t in rows}) > 1:  # the trials differ on the probes: selection matters
+                    decided += 1
+                    top = [t for t in rows if t[name] == max(u[name] for u in rows)]
+                    ties += len(top) > 1
+                    right += len(top) == 1 and top[0]["probe_acc"] == max(u["probe_acc"] for u in rows)
         if pooled[0]:
             out[name] = {"trials": len(pooled[0]), "spearman": spearman(*pooled),
-                         "spearman_within_passage": spearman(*within)}
+                         "spearman_within_passage": spearman(*within),
+                         "picked_best": right, "tied": ties, "passages_decided": decided}
     return out
 
 
@@ -301,6 +312,14 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         own_base = learner.score(KNOWLEDGE, title, own_qs)
         own_teacher = learner.score(KNOWLEDGE, title, own_qs, context=text)
     sel_qs, sel_base = (own_qs, own_base) if label_free else (reward_qs, baseline_reward)
+    # the reward study's label-free questions that every passage has: made by rule from
+    # the passage (its names and numbers asked for), answered by their span
+    rule_qs, rule_base, rule_teacher = [], None, None
+    if reward_study:
+        rule_qs = [{"id": j, "question": q, "answer": span}
+                   for j, (q, span, _s) in enumerate(self_edits.cloze(title, text, RULE_QUESTIONS))]
+        rule_base = learner.score(KNOWLEDGE, title, rule_qs)
+        rule_teacher = learner.score(KNOWLEDGE, title, rule_qs, context=text)
     study: list[dict] = []
     memorised: dict[int, dict] = {}  # trial index -> verbatim continuation of the passage after it
 
@@ -332,13 +351,19 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         p = learner.score(TRIAL, title, probe_qs)
         (memo,) = continuation_match(learner, TRIAL, {0: (title, text)}) or [{"exact": None, "token_match": None}]
         memorised[k] = {"exact": memo["exact"], "token_match": memo["token_match"]}
-        if own_qs:  # every reward of this trial beside its probe accuracy (the reward study)
-            mine = learner.score(TRIAL, title, own_qs)
-            mine = dataclasses.replace(mine, kl=kl_from_base(learner, TRIAL)[0])
-            study.append({"policy": cand.policy, "k": k, "probe_acc": p.accuracy,
-                          "answer_logprob": o.reward_logprob, "qa_accuracy": o.reward_acc if not label_free else None,
-                          "teacher_agreement": rewards.teacher_agreement(mine, own_teacher),
-                          "kl": mine.kl})
+        if reward_study or own_qs:  # every reward of this trial beside its probe accuracy (the reward study)
+            kl = kl_from_base(learner, TRIAL)[0]
+            row = {"policy": cand.policy, "k": k, "probe_acc": p.accuracy, "answer_logprob": o.reward_logprob,
+                   "qa_accuracy": o.reward_acc if not label_free else None, "kl": kl}
+            if own_qs:
+                mine = dataclasses.replace(learner.score(TRIAL, title, own_qs), kl=kl)
+                row["teacher_agreement"] = rewards.teacher_agreement(mine, own_teacher)
+            if rule_qs and not self_edits.asks_by_rule(cand.policy):  # held out: this trial never saw them
+                ruled = dataclasses.replace(learner.score(TRIAL, title, rule_qs), kl=kl)
+                row |= {"cloze_logprob": rewards.answer_logprob(ruled, rule_base),
+                        "cloze_accuracy": rewards.qa_accuracy(ruled, rule_base),
+                        "cloze_agreement": rewards.teacher_agreement(ruled, rule_teacher)}
+            study.append(row)
         return o, p, o.result.seconds + o.score_seconds + time.perf_counter() - t1
 
     def cost(o: TrialOutcome, secs: float) -> tuple[float, int]:
@@ -407,6 +432,7 @@ def _one_passage(learner: Learner, runtime: Runtime, pol, d: dict, i: int, seed:
         "best_of_n_s": bo_time,
         "self_edits": texts,
         "n_own_questions": len(own_qs),
+        "n_rule_questions": len(rule_qs),
         "reward_study": study,
         "seconds": time.perf_counter() - t_passage,
     })
