@@ -61,6 +61,7 @@ class Learner:
         self.train_fn = train_fn  # how a trial trains (None: lora.train; a benchmark may pass SEAL's reference loop)
         self.score_batch = score_batch  # questions per scoring pass (None: all at once, batched by the runtime)
         self.worker = worker_id()
+        self.runner = None  # where the wake cycle's trials run (agent.runner.runner_of: local by default)
         base = runtime.model
         if getattr(base, "seal_zero", None) is None:  # else a Learner was made on this runtime before: reuse
             self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL, EDITOR))

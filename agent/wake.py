@@ -2,11 +2,12 @@
 
 ``wake_cycle`` reads top to bottom: questions -> baseline -> self-edits -> one trial
 per candidate (``agent.trial.try_candidate``, the step the benchmarks and the editor
-share) -> select -> evaluate -> commit (or record why not). Trials train the scratch
-``trial`` adapter, so the active ``knowledge`` adapter is never touched until a
-winner is chosen; the commit writes the adapter's files atomically and then, in one
-store transaction, the adapter row, the active pointer, the cycle, every candidate,
-the evaluations and the job's state. A crash anywhere before that transaction leaves
+share, run by a trial runner: ``agent.runner``) -> select -> evaluate -> commit (or
+record why not). Trials are specs handed to the runner, which returns each trained
+adapter as a PEFT folder, so the active ``knowledge`` adapter is never touched until
+a winner is chosen and loaded from its folder (sha256 checked); the commit writes
+the adapter's files atomically and then, in one store transaction, the adapter row,
+the active pointer, the cycle, every candidate, the evaluations and the job's state. A crash anywhere before that transaction leaves
 the previous adapter active and the passage claimable again.
 
 Each step is announced as an ``agent.events.Event`` (start, end, training progress),
@@ -25,15 +26,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from adapters import lora
-from adapters.names import KNOWLEDGE, TRIAL
+from adapters.names import KNOWLEDGE
 from policies import selection as selections
 from policies.reward import Scores, relative_to
 from store import Job
 
 from .events import END, START, Event, OnEvent, ignore
 from .learner import Learner
-from .trial import PASSAGE, Candidate, TrialOutcome, candidates_of, try_candidate
+from .runner import ParentRef, TrialSpec, passage_spec, runner_of
+from .trial import PASSAGE, Candidate, TrialOutcome, candidates_of
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,19 @@ def wake_cycle(learner: Learner, job: Job, on_event: OnEvent = ignore,
     edits = [Candidate(name, text, n) for name, text, n in written]
     cands = candidates_of(pol, edits)
 
-    # 5. one trial update per candidate, scored on the reward questions
-    outcomes: list[TrialOutcome] = []
-    snapshots: dict[int, dict] = {}
-    for idx, cand in enumerate(cands):
-        o = try_candidate(learner, passage, cand, seed + idx, reward_qs, baseline, idx=idx,
-                          beside_passage=cands[0].policy == PASSAGE, beat=steps.beat, on_event=on_event,
-                          teacher_scores=teacher_scores)
-        outcomes.append(o)
+    # 5. one trial update per candidate, scored on the reward questions: specs, by
+    # value, handed to the trial runner (local by default), which returns each trained
+    # adapter as a PEFT folder with its sha256
+    ref = ParentRef(parent["id"], str(learner.registry.root / parent["path"]), parent["sha256"]) if parent else ParentRef()
+    specs = [TrialSpec(idx, passage_spec(passage), cand, seed + idx, tuple(reward_qs), baseline, teacher_scores,
+                       beside_passage=cands[0].policy == PASSAGE, parent=ref) for idx, cand in enumerate(cands)]
+    results = runner_of(learner).run(specs, beat=steps.beat, on_event=on_event)
+    outcomes: list[TrialOutcome] = [r.outcome for r in results]
+    for o in outcomes:
         if o.result is not None:
             steps.add("train", o.result.seconds)
             steps.add("score", o.score_seconds)
-            steps.beat(force=True)
-        if o.ok:
-            snapshots[idx] = lora.snapshot(learner.model, TRIAL)
+    steps.beat(force=True)
     per_edit_s = steps.timings.get("generate", 0.0) / max(len(edits), 1)
     rows = [_candidate_row(i, o, per_edit_s) for i, o in enumerate(outcomes)]
 
@@ -165,7 +165,7 @@ def wake_cycle(learner: Learner, job: Job, on_event: OnEvent = ignore,
     with steps("evaluate"):
         probe_before = learner.score(KNOWLEDGE, title, probe_qs) if probe_qs else None
         if choice.idx is not None:
-            lora.restore(learner.model, KNOWLEDGE, snapshots[choice.idx])
+            results[choice.idx].load_into(learner.model, KNOWLEDGE)
             rows[choice.idx]["chosen"] = 1
         probe_after, earlier = _evaluate_new(learner, passage, probe_qs, job) if choice.idx is not None else (None, [])
 
