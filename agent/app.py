@@ -24,6 +24,7 @@ from .events import OnEvent, ignore
 from .home import Home
 from .ingest import prepare
 from .learner import Learner
+from .runner import SCRATCH
 from .runtime import Runtime
 from .settings import config_items
 from .sleep import sleep_phase
@@ -50,10 +51,20 @@ class Parts:
 
     @cached_property
     def learner(self) -> Learner:
-        return Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake,
-                       distill=self.cfg.distill)
+        learner = Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake,
+                          distill=self.cfg.distill)
+        if self.cfg.runner.kind == "ray":  # else the wake cycle's default, a LocalRunner (agent.runner)
+            from functools import partial
+
+            from .cluster.ray_runner import RayRunner, learner_args
+
+            learner.runner = RayRunner(self.cfg.runner, partial(Runtime.load, self.cfg.model), learner_args(self.cfg),
+                                       self.home.root / SCRATCH)
+        return learner
 
     def close(self) -> None:
+        if "learner" in self.__dict__ and self.learner.runner is not None:
+            self.learner.runner.close()
         if "store" in self.__dict__:  # opened
             self.store.close()
 

@@ -23,6 +23,7 @@ from .api.config import ApiConfig
 from .daemon.config import DaemonConfig
 from .editor import EditorConfig
 from .ingest import IngestConfig
+from .runner import RunnerConfig
 from .runtime import ModelConfig
 from .settings import ConfigError, build, merge
 from .sleep import SleepConfig
@@ -37,6 +38,7 @@ class Config:
     policies: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "strategies by name"})
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "learning by reading: transfer sets and the open-book teacher"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
+    runner: RunnerConfig = field(default_factory=RunnerConfig, metadata={"help": "where the wake cycle's trials run"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
     editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "when the daemon sleeps"})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +31,26 @@ from policies.reward import Scores
 from .events import OnEvent, ignore
 from .learner import Learner
 from .trial import Candidate, TrialOutcome, try_candidate
+
+RUNNERS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    kind: str = field(default="local", metadata={"help": "where trials run: local (in the daemon, one after another) | ray (a pool of actors; the `ray` extra)"})
+    address: str = field(default="", metadata={"help": "ray: the cluster to join (auto, or ray://HOST:10001); empty = start a private one on this machine"})
+    workers: int = field(default=2, metadata={"help": "ray: trial actors, each holding the base model"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "ray: CPUs reserved by each actor (its torch threads)"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "ray: GPUs per actor; a fraction lets several small-model actors share one card"})
+    max_retries: int = field(default=2, metadata={"help": "ray: a trial whose actor died is run again this often (the actor is restarted)"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUNNERS:
+            raise ValueError(f"kind: expected one of {', '.join(RUNNERS)}, got {self.kind!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_retries < 0:
+            raise ValueError("cpus_per_worker must be > 0, gpus_per_worker and max_retries >= 0")
 
 
 @dataclass(frozen=True)

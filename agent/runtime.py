@@ -457,6 +457,13 @@ def tiny_llama(tokenizer, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_runtime(cfg: ModelConfig, seed: int = 0) -> Runtime:
+    """A Runtime on ``tiny_llama`` with the configured model's tokenizer: the same
+    weights for the same seed in every process (a Ray actor builds its own)."""
+    tok = load_tokenizer(cfg)
+    return Runtime(tiny_llama(tok, seed), tok, name="tiny")
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Only the tokenizer (for counting tokens at ingest time, without the weights)."""
     from transformers import AutoTokenizer

@@ -5,8 +5,8 @@ ReST-EM editors are trained on tune passages only, and the selection rules."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 import zlib
 from pathlib import Path
 

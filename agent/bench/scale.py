@@ -47,7 +47,7 @@ from store import Store
 from ..config import Config
 from ..home import Home
 from ..learner import Learner
-from ..runtime import Runtime
+from ..runtime import Runtime, tiny_runtime
 from .common import versions
 from .meter import _reset_peak_rss, peak_rss_mb, rss_mb
 from .speed import FORCE_COMMIT
@@ -124,13 +124,6 @@ def _measured(fn: Callable[[], float | None], repeat: int) -> dict:
         added.append(max(0.0, peaks[-1] - before))
     return {"seconds": statistics.median(times), "max_seconds": max(times), "peak_mb": max(peaks),
             "added_mb": max(added)}
-
-
-def _tiny_runtime(cfg: Config) -> Runtime:
-    from ..runtime import load_tokenizer, tiny_llama
-
-    tok = load_tokenizer(cfg.model)
-    return Runtime(tiny_llama(tok), tok, name="tiny")
 
 
 def _bench_cfg(cfg: Config) -> Config:
@@ -251,7 +244,7 @@ def run_scale(cfg: Config, *, sizes: tuple[int, ...] = SIZES, repeat: int = 3, s
     """Every size, smallest first; the JSON-able result with a slope per operation."""
     cfg = _bench_cfg(cfg)
     say("loading the tokenizer and a tiny model")
-    runtime = _tiny_runtime(cfg)
+    runtime = tiny_runtime(cfg.model)
     root = Path(tempfile.mkdtemp(prefix="seal-scale-"))
     results = []
     try:

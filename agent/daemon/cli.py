@@ -27,6 +27,18 @@ from .process import (
 from .process import daemon_status as read_status
 
 PUBLIC_HELP = "let the API listen on api.host even when it is not loopback (other machines can reach it)"
+RAY_HELP = ("run the wake cycle's trials on a Ray cluster: its address (auto, or ray://HOST:10001), or 'local' for "
+            "a private one on this machine (runner.kind = ray; needs the ray extra)")
+
+
+def ray_runner(cfg, address: str | None):
+    """``cfg`` with its trials on Ray at ``address`` (None: unchanged)."""
+    if address is None:
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, runner=dataclasses.replace(cfg.runner, kind="ray",
+                                                               address="" if address == "local" else address))
 
 
 @click.group(cls=SealGroup)
@@ -38,8 +50,9 @@ def daemon() -> None:
 @click.option("--wait", "wait_s", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="seconds to wait for it to load its model (it goes on loading after that)")
 @click.option("--public", is_flag=True, help=PUBLIC_HELP)
+@click.option("--ray", "ray_address", metavar="ADDRESS", help=RAY_HELP)
 @pass_app
-def daemon_start(app: App, wait_s: float, public: bool) -> None:
+def daemon_start(app: App, wait_s: float, public: bool, ray_address: str | None) -> None:
     """Start the daemon in the background (logs to <home>/logs/daemon.log).
 
     It runs `seal daemon run` detached, with the same --home, --set and --model."""
@@ -54,7 +67,8 @@ def daemon_start(app: App, wait_s: float, public: bool) -> None:
         args += ["--model", root["model_path"]]
     args += ["-v"] * (root.get("verbose") or 0)
     try:
-        info = start_detached(app.home, args, wait_s, run_args=("--public",) if public else ())
+        run_args = (("--public",) if public else ()) + (("--ray", ray_address) if ray_address else ())
+        info = start_detached(app.home, args, wait_s, run_args=run_args)
     except DaemonError as e:
         fail(str(e))
     if info["ready"]:
@@ -142,8 +156,9 @@ def _duration(secs: float) -> str:
 @click.option("--burst", is_flag=True, help="drain the inbox and the queue, sleeping when due, then exit")
 @click.option("--detached", is_flag=True, hidden=True, help="started by `seal daemon start`: log to the file only")
 @click.option("--public", is_flag=True, help=PUBLIC_HELP)
+@click.option("--ray", "ray_address", metavar="ADDRESS", help=RAY_HELP)
 @pass_app
-def daemon_run(app: App, burst: bool, detached: bool, public: bool) -> None:
+def daemon_run(app: App, burst: bool, detached: bool, public: bool, ray_address: str | None) -> None:
     """Run the daemon in the foreground (for systemd; see examples/seal.service),
     serving the HTTP API on api.host:api.port (token in <home>/token) unless
     api.enabled = false.
@@ -164,7 +179,12 @@ def daemon_run(app: App, burst: bool, detached: bool, public: bool) -> None:
             fail(str(e))
         click.get_current_context().call_on_close(writer.release)
         log_to_file(app.home, detached=detached)
-        d = build_daemon(app.home, app.cfg, handle_signals=True, public=public)
+        if ray_address is not None:
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                fail("--ray needs the ray extra: pip install 'seal-daemon[ray]'")
+        d = build_daemon(app.home, ray_runner(app.cfg, ray_address), handle_signals=True, public=public)
         if not burst:
             code = d.serve()
             if code:

@@ -1,0 +1,1 @@
+"""Running seal beyond one process: trials on Ray (``ray_runner``)."""
