@@ -1,6 +1,6 @@
 """`seal bench ...`: the benchmark commands and the tables they print.
 
-Each benchmark module (``squad``, ``editor``, ``continual``, ``speed``, ``views``) is
+Each benchmark module (``squad``, ``editor``, ``continual``, ``speed``, ``trl``, ``views``) is
 imported inside its command, so that `seal bench --help` stays fast; `bench show`
 prints a saved result again.
 """
@@ -216,6 +216,8 @@ def bench_show(result_file: str) -> None:
         _print_speed(result)
     elif kind == "scale":
         _print_scale(result)
+    elif kind == "trl":
+        _print_trl(result)
     elif kind == "busy":
         from .busy import render
 
@@ -400,6 +402,49 @@ def _print_speed(result: dict) -> None:
     import textwrap
 
     from .speed import render
+
+    for piece in render(result):
+        if isinstance(piece, str):
+            click.echo(textwrap.fill(piece, 80, subsequent_indent="  ", break_on_hyphens=False))
+        else:
+            print_table(piece)
+
+
+@bench.command("trl")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="SEAL/SQuAD-format JSON, or .json.gz (default: the SQuAD v1.1 dev passages shipped with seal)")
+@click.option("--passages", default=2, show_default=True, type=click.IntRange(min=1), help="passages drawn with the seed")
+@click.option("--seed", default=0, show_default=True, help="draws passages, seeds sampling and training")
+@click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="tune", show_default=True,
+              help="the split the passages are drawn from")
+@click.option("--steps", type=click.IntRange(min=1), help="TRL's optimizer steps per passage (default: as many as seal's trial took)")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/trl-<seed>.json)")
+@pass_app
+def bench_trl(app: App, data_path: str | None, passages: int, seed: int, split: str, steps: int | None,
+              out_path: str | None) -> None:
+    """seal's on-policy distillation trial (distill_onpolicy) beside TRL's SDFTTrainer on
+    the same prompts, weights and LoRA: seconds per optimizer step and in all."""
+    from .trl import TrlBenchError, run_trl
+
+    path = Path(data_path) if data_path else None
+    if path is not None and not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    with _progress(passages) as (say, tick):
+        try:
+            result = run_trl(app.runtime, app.cfg, data_path=path, passages=passages, seed=seed, split=split,
+                             steps=steps, say=say, on_passage=tick)
+        except TrlBenchError as e:
+            fail(str(e))
+    target = Path(out_path) if out_path else Path("bench-out") / f"trl-{seed}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    _print_trl(result)
+    click.echo(f"wrote {target}")
+
+
+def _print_trl(result: dict) -> None:
+    import textwrap
+
+    from .trl import render
 
     for piece in render(result):
         if isinstance(piece, str):
