@@ -61,6 +61,25 @@ def test_the_daemon_learns_with_its_trials_on_ray(tmp_path, tiny_dir):
         assert store.queue_summary()["done"] == 1
 
 
+def test_bench_speed_runner_ray_reports_trials_per_second_for_each_pool(tmp_path, tiny_dir):
+    """`seal bench speed --runner ray --workers 1,2` on the tiny model: the local runner
+    and two pools run the same trials, with the same adapters, and the JSON says so."""
+    from tests.helpers import run_cli, seal_argv
+
+    out = tmp_path / "runners.json"
+    r = run_cli(seal_argv(tmp_path / "home", tiny_dir, "bench", "speed", "--runner", "ray", "--workers", "1,2",
+                          "--trials", "2", "--out", str(out)), timeout=400)
+    result = json.loads(out.read_text())
+    assert [(row["runner"], row["workers"]) for row in result["rows"]] == [("local", 1), ("ray", 1), ("ray", 2)]
+    assert all(row["trials_per_s"] > 0 for row in result["rows"])
+    assert all(row["same_adapters"] for row in result["rows"][1:])
+    shown = [line for line in r.stdout.splitlines() if not line.startswith("wrote ")]
+    assert "trials/s" in r.stdout and max(len(line) for line in shown) <= 80
+    bad = run_cli(seal_argv(tmp_path / "home", tiny_dir, "bench", "speed", "--runner", "ray", "--workers", "0"),
+                  ok=False)
+    assert bad.returncode != 0 and "at least 1 worker" in bad.stderr
+
+
 def _runner(tmp: Path, workers: int = 2, train_fn=None, **kw) -> RayRunner:
     # the actors' learners are make_learner's: the same tiny model (seed 0), LoRA and policies
     args = learner_args(Config()) | {"lora_cfg": LEARNER_LORA, "policies": ALWAYS, "wake": FAST_WAKE}
@@ -154,3 +173,4 @@ def test_a_killed_actors_trial_is_run_again_and_the_cycle_commits_once(cluster, 
     twin.store.ingest([document(*VARN)])
     learn(twin)
     assert twin.registry.active(KNOWLEDGE)["sha256"] == learner.registry.active(KNOWLEDGE)["sha256"]
+

@@ -216,6 +216,10 @@ def bench_show(result_file: str) -> None:
         _print_speed(result)
     elif kind == "scale":
         _print_scale(result)
+    elif kind == "runners":
+        from .runners import render
+
+        _print_pieces(render(result))
     elif kind == "trl":
         _print_trl(result)
     elif kind == "busy":
@@ -368,14 +372,23 @@ def _print_continual(result: dict) -> None:
               help="the reference pads every training example to this many tokens (SEAL: 2048)")
 @click.option("--matmul-size", "matmul_n", default=2048, show_default=True, type=int,
               help="side of the square fp32 matmul that measures the machine's FLOP/s")
+@click.option("--runner", type=click.Choice(["ray"]),
+              help="instead: trials per second of the local runner and of a Ray pool of --workers actors")
+@click.option("--workers", default="1,2,4", show_default=True, help="with --runner ray: the pool sizes, comma-separated")
+@click.option("--trials", default=4, show_default=True, type=click.IntRange(min=1), help="with --runner: trials each runner runs")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/speed-<model>-<seed>.json)")
 @pass_app
 def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidates: int | None, epochs: int | None,
-                pad_to: int, matmul_n: int, out_path: str | None) -> None:
+                pad_to: int, matmul_n: int, runner: str | None, workers: str, trials: int, out_path: str | None) -> None:
     """One wake cycle step by step (time, tokens, FLOP/s against the machine's measured
-    matmul FLOP/s, peak memory), beside the same cycle with SEAL's reference settings."""
+    matmul FLOP/s, peak memory), beside the same cycle with SEAL's reference settings.
+    With --runner ray: trials per second locally and on Ray pools of K actors."""
     from .common import DEFAULT_DATA
     from .speed import SpeedError, dumps, run_speed
+
+    if runner:
+        return _bench_runners(app, Path(data_path) if data_path else DEFAULT_DATA, seed, split, workers, trials,
+                              out_path)
 
     for name, value, least in (("--candidates", candidates, 1), ("--epochs", epochs, 1), ("--pad-to", pad_to, 2),
                                ("--matmul-size", matmul_n, 16)):
@@ -395,6 +408,41 @@ def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidat
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(dumps(result), encoding="utf-8")
     _print_speed(result)
+    click.echo(f"wrote {target}")
+
+
+def _bench_runners(app: App, path: Path, seed: int, split: str, workers: str, trials: int,
+                   out_path: str | None) -> None:
+    try:
+        ks = tuple(int(k) for k in workers.split(","))
+    except ValueError:
+        fail(f"--workers: expected numbers like 1,2,4, got {workers!r}")
+    if not ks or min(ks) < 1:
+        fail("--workers: every pool needs at least 1 worker")
+    if not path.is_file():
+        fail(f"{path}: no such file (use --data)")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        fail("--runner ray needs the ray extra: pip install 'seal-daemon[ray]'")
+    from .runners import default_runtime, render, run_runners
+
+    with _progress(1 + len(ks)) as (say, tick):
+        started = []
+
+        def step(message: str) -> None:  # a runner starts: the ones before it are done
+            if message.startswith("local") or message.endswith("starting"):
+                tick(len(started), 1 + len(ks))
+                started.append(message)
+            say(message)
+
+        result = run_runners(app.runtime, app.cfg, default_runtime(app.cfg), data_path=path, trials=trials,
+                             workers=ks, seed=seed, split=split, address=app.cfg.runner.address, say=step)
+        tick(1 + len(ks), 1 + len(ks))
+    target = Path(out_path) if out_path else Path("bench-out") / f"runners-{app.runtime.name}-{seed}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    _print_pieces(render(result))
     click.echo(f"wrote {target}")
 
 
