@@ -101,3 +101,23 @@ def test_the_wake_cycle_hands_specs_to_its_runner_and_commits_the_chosen_folder(
     assert (parent.id, parent.path, parent.sha256) == (
         active["id"], str(learner.registry.root / active["path"]), active["sha256"])
     assert second.outcome in ("committed", "rejected")
+
+
+def test_the_gpu_example_config_loads_and_its_ray_lines_too(tmp_path):
+    """examples/seal-gpu.toml (a 1-8B model on one GPU, SEAL's LoRA shape) is a valid
+    seal.toml, and so it is with its Ray lines uncommented."""
+    from agent.config import load_config
+    from tests.helpers import REPO
+
+    text = (REPO / "examples" / "seal-gpu.toml").read_text()
+    (tmp_path / "seal.toml").write_text(text)
+    cfg = load_config(tmp_path)
+    assert (cfg.model.device, cfg.model.dtype) == ("cuda", "bfloat16")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (32, 64, ("q_proj", "v_proj"))
+    assert cfg.runner.kind == "local"
+    ray_on = text.replace('kind = "local"\n# kind = "ray"', 'kind = "ray"')
+    ray_on = "\n".join(line[2:] if line.startswith("# ") and "=" in line and "[" not in line else line
+                       for line in ray_on.splitlines())
+    (tmp_path / "seal.toml").write_text(ray_on)
+    cfg = load_config(tmp_path)
+    assert (cfg.runner.kind, cfg.runner.workers, cfg.runner.gpus_per_worker) == ("ray", 2, 0.5)
