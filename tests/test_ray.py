@@ -40,6 +40,7 @@ def cluster():
     ray.shutdown()
 
 
+@pytest.mark.process
 def test_the_daemon_learns_with_its_trials_on_ray(tmp_path, tiny_dir):
     """`seal daemon run --burst --ray local`: a private Ray cluster, the trials on its
     actors (each loads the configured model itself), one commit. Runs before the other
@@ -61,6 +62,7 @@ def test_the_daemon_learns_with_its_trials_on_ray(tmp_path, tiny_dir):
         assert store.queue_summary()["done"] == 1
 
 
+@pytest.mark.process
 def test_bench_speed_runner_ray_reports_trials_per_second_for_each_pool(tmp_path, tiny_dir):
     """`seal bench speed --runner ray --workers 1,2` on the tiny model: the local runner
     and two pools run the same trials, with the same adapters, and the JSON says so."""
