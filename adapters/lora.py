@@ -469,6 +469,33 @@ def _length_grouped(seqs: list[_Seq], batch_size: int, generator: torch.Generato
     return [chunks[j] for j in torch.randperm(len(chunks), generator=generator).tolist()]
 
 
+def _shared_step(scorer: _Scorer, batch_seqs: list[_Seq], pad_id: int, device, params: list[Tensor]) -> tuple[float, int, int]:
+    """One data-parallel step's loss and gradients (see ``train``): this process's
+    share of the batch, its loss summed, then the sums, the token counts and the
+    gradients summed over the group. Returns (the batch's mean loss, its tokens, its
+    supervised tokens), the same in every process; the gradients are left in ``params``."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = batch_seqs[rank::world]
+    if mine:
+        batch = _collate(mine, pad_id, device)
+        token_losses, _ = scorer.token_losses(batch)
+        loss_sum, n_tok, n_sup = token_losses.sum(), batch.n_tokens, token_losses.numel()
+    else:  # a batch smaller than the group: this process adds nothing but takes part
+        loss_sum, n_tok, n_sup = None, 0, 0
+    totals = torch.tensor([loss_sum.item() if loss_sum is not None else 0.0, float(n_sup), float(n_tok)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    if loss_sum is not None and math.isfinite(totals[0].item()):
+        (loss_sum / totals[1]).backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    return totals[0].item() / totals[1].item(), int(totals[2].item()), int(totals[1].item())
+
+
 def train(
     peft_model,
     tokenizer,
@@ -476,10 +503,19 @@ def train(
     cfg: LoraConfig,
     adapter: str = KNOWLEDGE,
     progress: Callable[[int, int, float], None] | None = None,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train one adapter on ``examples`` (it becomes the active adapter and the only
     trainable parameters). Stops at the first non-finite loss or gradient norm and
-    returns ``nan=True``: the weights are then garbage and the caller restores them."""
+    returns ``nan=True``: the weights are then garbage and the caller restores them.
+
+    ``distributed``: this is one of the processes of an initialised
+    ``torch.distributed`` group (``agent.cluster.train_job``), each with the same model,
+    examples and config. Every process draws the same batches; each computes the loss
+    of its share of a batch (every world-th example), and the gradients and the loss
+    are summed over the group and divided by the batch's supervised tokens, so every
+    step is the single-process step on the whole batch (data parallel, up to the order
+    of float sums) and every process ends with the same weights."""
     t0 = time.perf_counter()
     seqs = [s for s in _encode(tokenizer, examples, cfg.max_length) if _supervised(s) > 0]
     if not seqs:
@@ -515,22 +551,26 @@ def train(
             for _epoch in range(cfg.epochs):
                 last_epoch = []
                 for chunk in _length_grouped(seqs, cfg.batch_size, shuffle):
-                    batch = _collate([seqs[i] for i in chunk], pad_id, device)
-                    loss = _batch_loss(scorer, batch)
-                    value = loss.item()
+                    if distributed:
+                        value, n_tok, n_sup = _shared_step(scorer, [seqs[i] for i in chunk], pad_id, device, params)
+                    else:
+                        batch = _collate([seqs[i] for i in chunk], pad_id, device)
+                        loss = _batch_loss(scorer, batch)
+                        value, n_tok, n_sup = loss.item(), batch.n_tokens, int((batch.targets != IGNORE).sum())
                     losses.append(value)
-                    tokens += batch.n_tokens
+                    tokens += n_tok
                     if not math.isfinite(value):
                         nan = True
                         break
-                    loss.backward()
+                    if not distributed:
+                        loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
                     if not math.isfinite(norm.item()):
                         nan = True
                         break
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    last_epoch.append((value, int((batch.targets != IGNORE).sum())))
+                    last_epoch.append((value, n_sup))
                     if progress is not None:
                         progress(len(losses), total, value)
                 if nan:

@@ -16,11 +16,12 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapters import lora
+from adapters import files, lora
 from adapters.lora import Example
 from adapters.merge import merge_into
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
@@ -57,6 +58,7 @@ class SleepConfig:
     measure_budget: int = field(default=32, metadata={"help": "learned passages a sleep measures: the recent ones and a rotating, seeded window of the rest (every one in turn); 0 = all"})
     memorisation_tokens: int = field(default=32, metadata={"help": "memorisation: prefix and continuation length, in tokens"})
     restem: bool = field(default=True, metadata={"help": "run a ReST-EM round on the editor after the consolidation"})
+    processes: int = field(default=1, metadata={"help": "replay/dream: train the consolidation in this many processes, data parallel (one per GPU; torchrun, agent.cluster.train_job); 1 = in the daemon's model"})
     seed: int = field(default=0, metadata={"help": "base seed of sampling old passages, dreams and training"})
 
     def __post_init__(self) -> None:
@@ -70,8 +72,8 @@ class SleepConfig:
                      "measure_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
+        if self.epochs < 1 or self.processes < 1:
+            raise ValueError("epochs and processes must be >= 1")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError("lr must be >= 0")
         if not (self.dream_temperature > 0 and 0 < self.dream_top_p <= 1):
@@ -241,14 +243,43 @@ def _train_mix(learner, mix: Mix, cfg: SleepConfig, seed: int, on_event: OnEvent
             raise Abandoned(f"stop requested at training step {step}/{total}")
         on_event(Event("consolidate", ADVANCE, "consolidating", done=step, total=total, loss=loss))
 
-    lora.copy_adapter(learner.model, KNOWLEDGE, TRIAL)
-    try:
-        result = lora.train(learner.model, learner.runtime.tokenizer, examples, train_cfg, adapter=TRIAL,
-                            progress=on_step)
-    finally:
-        learner.model.set_adapter(KNOWLEDGE)
+    if cfg.processes > 1:
+        result = _train_in_processes(learner, examples, train_cfg, cfg.processes, should_stop)
+    else:
+        lora.copy_adapter(learner.model, KNOWLEDGE, TRIAL)
+        try:
+            result = lora.train(learner.model, learner.runtime.tokenizer, examples, train_cfg, adapter=TRIAL,
+                                progress=on_step)
+        finally:
+            learner.model.set_adapter(KNOWLEDGE)
     on_event(Event("consolidate", END, tokens=result.tokens, steps=result.steps, loss=result.final_loss))
     return result, n_replay, n_dreams
+
+
+def _train_in_processes(learner, examples: list, train_cfg: lora.LoraConfig, processes: int,
+                        should_stop: Callable[[], bool]) -> lora.TrainResult:
+    """The consolidation as a data-parallel job of ``processes`` processes
+    (``agent.cluster.train_job``: the knowledge adapter as it is now is the parent); its
+    adapter is loaded into the scratch adapter, checksum checked. The job's folder is
+    removed afterwards."""
+    from .cluster.train_job import JobError, launch, write_job
+
+    jobs = learner.registry.root.parent / "jobs"
+    shutil.rmtree(jobs, ignore_errors=True)  # what an earlier, interrupted sleep left
+    folder = write_job(jobs / "sleep", learner.runtime.cfg, train_cfg, examples, learner.model, KNOWLEDGE)
+    try:
+        out = launch(folder, processes, should_stop=should_stop)
+        if not out["nan"]:
+            files.load(learner.model, TRIAL, folder / "adapter", expected_sha256=out["sha256"])
+    except JobError as e:
+        if should_stop():
+            raise Abandoned(str(e)) from None
+        raise
+    finally:
+        shutil.rmtree(jobs, ignore_errors=True)
+        learner.model.set_adapter(KNOWLEDGE)
+    return lora.TrainResult(steps=out["steps"], tokens=out["tokens"], seconds=out["seconds"],
+                            losses=tuple(out["losses"]), final_loss=out["final_loss"], nan=out["nan"])
 
 
 def _merge_versions(learner, mix: Mix, cfg: SleepConfig, seed: int, on_event: OnEvent) -> None:

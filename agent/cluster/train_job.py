@@ -1,0 +1,131 @@
+"""A LoRA training job in processes of its own: data-parallel training over several GPUs.
+
+The sleep's consolidation trains one adapter on the replayed examples; with
+``sleep.processes`` > 1 it runs as this job instead of in the daemon's model, one
+process per GPU, under ``torchrun`` (what ``accelerate launch --multi_gpu`` runs; each
+process finds its rank through accelerate's ``PartialState``, which also sets up the
+process group: NCCL on GPUs, gloo on CPUs):
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m agent.cluster.train_job JOB
+    accelerate launch --multi_gpu --num_processes N -m agent.cluster.train_job JOB
+
+``JOB`` is a folder: ``job.json`` (the model, the LoRA config, the parent adapter's
+checksum), ``examples.pt`` (the training examples, teacher targets included) and the
+parent adapter folder ``parent/``. Every process loads the model and the parent
+(sha256 checked) and trains with ``lora.train(..., distributed=True)``: the same
+batches, each process a share of each, gradients summed, so the weights equal a
+single process's. Process 0 writes the trained adapter to ``JOB/adapter`` (a PEFT
+folder, written atomically) and ``result.json`` (its sha256 and the training figures)
+last, so a job that died has no result. The daemon reads the result and loads the
+adapter, checksum checked; the job never touches the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from adapters import files, lora
+from adapters.names import KNOWLEDGE
+
+from ..runtime import ModelConfig, Runtime
+
+RESULT = "result.json"
+
+
+class JobError(RuntimeError):
+    """The job could not run or did not finish."""
+
+
+def write_job(folder: Path, model: ModelConfig, lora_cfg: lora.LoraConfig, examples: list[lora.Example],
+              peft_model, adapter: str) -> Path:
+    """A job that trains a copy of ``adapter`` (of ``peft_model``, as it is now) on
+    ``examples``. ``folder`` must not exist."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    sha = files.save(peft_model, adapter, folder / "parent")
+    torch.save([dataclasses.asdict(e) for e in examples], folder / "examples.pt")
+    spec = {"model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg), "parent_sha256": sha}
+    (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return folder
+
+
+def _examples(folder: Path) -> list[lora.Example]:
+    out = []
+    for d in torch.load(folder / "examples.pt", weights_only=False):
+        t = d.get("teacher")
+        teacher = lora.Teacher(**t) if isinstance(t, dict) else t
+        out.append(lora.Example(**{**d, "teacher": teacher}))
+    return out
+
+
+def run_job(folder: Path) -> dict | None:
+    """This process's part of the job (see the module docstring); process 0 returns
+    the result it wrote, the others None."""
+    from accelerate import PartialState
+
+    folder = Path(folder)
+    spec = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+    state = PartialState(cpu=not torch.cuda.is_available())
+    model_cfg = ModelConfig(**{**spec["model"], "device": str(state.device)})
+    lora_cfg = lora.LoraConfig(**{**spec["lora"], "targets": tuple(spec["lora"]["targets"])})
+    runtime = Runtime.load(model_cfg)
+    peft_model = lora.attach(runtime.model, lora_cfg, names=(KNOWLEDGE,))
+    files.load(peft_model, KNOWLEDGE, folder / "parent", expected_sha256=spec["parent_sha256"])
+    result = lora.train(peft_model, runtime.tokenizer, _examples(folder), lora_cfg, adapter=KNOWLEDGE,
+                        distributed=state.num_processes > 1)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    out = {"processes": state.num_processes, "steps": result.steps, "tokens": result.tokens,
+           "seconds": result.seconds, "losses": list(result.losses), "final_loss": result.final_loss,
+           "nan": result.nan, "sha256": None if result.nan else files.save(peft_model, KNOWLEDGE, folder / "adapter")}
+    tmp = folder / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(out), encoding="utf-8")
+    os.replace(tmp, folder / RESULT)  # last: a job with a result finished
+    return out
+
+
+def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = lambda: False,
+           poll_s: float = 0.5) -> dict:
+    """Run the job in ``processes`` processes (torchrun, standalone) and return its
+    result. ``should_stop`` is polled: when it turns true the processes are killed and
+    JobError raised. A job that exits without a result raises JobError with its last
+    output line."""
+    folder = Path(folder)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "agent.cluster.train_job", str(folder)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    project = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(folder / "job.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if should_stop():
+                    raise JobError("stop requested: training job killed")
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    result = folder / RESULT
+    if proc.returncode != 0 or not result.is_file():
+        lines = (folder / "job.log").read_text(errors="replace").strip().splitlines()
+        errors = [ln for ln in lines if "Error: " in ln and not ln.startswith(" ")]  # a traceback's last line
+        why = errors[0] if errors else (lines[-1] if lines else "no output")
+        raise JobError(f"training job exited with status {proc.returncode}: {why.strip()}")
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    run_job(Path(sys.argv[1]))

@@ -1,0 +1,110 @@
+"""Data-parallel LoRA training as a job of its own processes (``agent.cluster.train_job``,
+what a sleep runs with ``sleep.processes`` > 1): two gloo processes under torchrun train
+the same adapter as one process does, a failed job says why, and a stop kills it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from adapters import files, lora
+from adapters.names import KNOWLEDGE
+from agent.cluster.train_job import JobError, launch, write_job
+from agent.runtime import ModelConfig, Runtime
+
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("one_thread")]
+
+CFG = lora.LoraConfig(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=4, seed=5)
+TEXTS = [("What is the capital of Varn?", "Kelmora."), ("Who founded Varn?", "Hedda Lune, a sailor."),
+         ("", "The Isle of Varn lies in the Grey Sea. Its capital is Kelmora."),
+         ("When was Varn founded?", "In 1702."), ("How many live on Varn?", "About 4,300 people.")]
+
+
+def _model(tiny_dir):
+    cfg = ModelConfig(path=str(tiny_dir), device="cpu", threads=1)
+    rt = Runtime.load(cfg)
+    return cfg, rt, lora.attach(rt.model, CFG, names=(KNOWLEDGE,))
+
+
+def _examples(rt) -> list[lora.Example]:
+    plain = [lora.Example(rt.chat(q) if q else "", a, eos=bool(q)) for q, a in TEXTS]
+    goldfish = dataclasses.replace(plain[2], goldfish=3)
+    distilled = plain[0]
+    ids = [lora.completion_ids(rt.tokenizer, distilled)]
+    ((t_ids, t_lp),) = rt.topk_logprobs([rt.chat("Using the passage: what is the capital of Varn?")], ids, 4)
+    return [*plain[:2], goldfish, *plain[3:], dataclasses.replace(distilled, teacher=lora.Teacher(t_ids, t_lp))]
+
+
+def test_two_processes_train_the_weights_one_process_trains(tiny_dir, tmp_path):
+    model_cfg, rt, peft = _model(tiny_dir)
+    examples = _examples(rt)
+    job = write_job(tmp_path / "job", model_cfg, CFG, examples, peft, KNOWLEDGE)  # the parent: as it is now
+    alone = lora.train(peft, rt.tokenizer, examples, CFG, adapter=KNOWLEDGE)
+    want = lora.snapshot(peft, KNOWLEDGE)
+
+    got = launch(job, processes=2)
+    assert got["processes"] == 2 and got["steps"] == alone.steps and not got["nan"]
+    assert got["losses"] == pytest.approx(list(alone.losses), rel=1e-4)
+    assert got["tokens"] == alone.tokens
+    _, _, other = _model(tiny_dir)
+    files.load(other, KNOWLEDGE, job / "adapter", expected_sha256=got["sha256"])
+    for k, w in lora.snapshot(other, KNOWLEDGE).items():
+        assert torch.allclose(w, want[k], atol=1e-5), k
+    assert any(w.abs().sum() > 0 for k, w in want.items() if "lora_B" in k)  # it did learn something
+
+    one = launch(write_job(tmp_path / "one", model_cfg, CFG, examples, other, KNOWLEDGE), processes=1)
+    assert one["processes"] == 1 and one["steps"] == alone.steps
+
+
+def test_a_job_that_fails_says_why_and_leaves_no_result(tiny_dir, tmp_path):
+    model_cfg, rt, peft = _model(tiny_dir)
+    job = write_job(tmp_path / "job", model_cfg, CFG, _examples(rt)[:2], peft, KNOWLEDGE)
+    spec = json.loads((job / "job.json").read_text())
+    (job / "job.json").write_text(json.dumps({**spec, "parent_sha256": "0" * 64}))
+    with pytest.raises(JobError, match="sha256"):
+        launch(job, processes=2)
+    assert not (job / "result.json").exists() and not (job / "adapter").exists()
+
+
+def test_a_stop_kills_the_job(tiny_dir, tmp_path):
+    model_cfg, rt, peft = _model(tiny_dir)
+    job = write_job(tmp_path / "job", model_cfg, dataclasses.replace(CFG, epochs=100000), _examples(rt), peft,
+                    KNOWLEDGE)
+    polls = []
+    with pytest.raises(JobError, match="stop requested"):
+        launch(job, processes=2, should_stop=lambda: polls.append(1) or len(polls) > 20)
+    assert not (job / "result.json").exists()
+
+
+def test_a_sleep_trains_its_consolidation_in_two_processes(tiny_dir, tmp_path):
+    """sleep.processes = 2: the same kept sleep version as in the daemon's own model,
+    and no job folder left behind."""
+    from adapters.registry import AdapterRegistry
+    from agent.learner import Learner
+    from agent.sleep import SleepConfig, sleep_phase
+    from agent.wake import learn
+    from store import Store
+    from tests.helpers import ALWAYS, BRISK, FAST_WAKE, LEARNER_LORA, VARN, document
+
+    lax = SleepConfig(epochs=1, dreams=0, max_retention_drop=1e9, max_logprob_drop=1e9, max_drift_increase=1e9,
+                      max_reading_drop=1e9, memorisation_tokens=8, restem=False)
+
+    def slept(home, processes: int):
+        rt = Runtime.load(ModelConfig(path=str(tiny_dir), device="cpu", threads=1))
+        store = Store(home / "store.db")
+        learner = Learner(rt, store, AdapterRegistry(home / "adapters", store), LEARNER_LORA, ALWAYS, FAST_WAKE)
+        store.ingest([document(*VARN), document(*BRISK)])
+        assert [r.outcome for r in learn(learner)] == ["committed", "committed"]
+        report = sleep_phase(learner, dataclasses.replace(lax, processes=processes))
+        assert report.outcome == "kept", report.reason
+        return learner, report
+
+    one, r1 = slept(tmp_path / "one", 1)
+    two, r2 = slept(tmp_path / "two", 2)
+    assert r2.n_examples == r1.n_examples > 0
+    a, b = lora.snapshot(one.model, KNOWLEDGE), lora.snapshot(two.model, KNOWLEDGE)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not (tmp_path / "two" / "jobs").exists()
