@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.seal-installed
 SEAL       := $(BIN)/seal
 DEMO_HOME  ?= demo-home
 
-.PHONY: setup demo test test-fast test-ray lint clean
+.PHONY: setup demo test test-fast test-cluster test-ray lint clean
 
 setup: $(STAMP)
 
@@ -39,18 +39,21 @@ demo: $(STAMP)
 	@echo "--- after learning (the answer is Pell Marrow):"
 	$(SEAL) --home $(DEMO_HOME) ask --title "Ilse Tornquist" "In which town was Ilse Tornquist born?"
 
-# make test: every tier but Ray's (CI runs it). make test-fast: the in-process tiny-model tests,
+# make test: every tier but the cluster's (CI runs both). make test-fast: the in-process tiny-model tests,
 # without the real model, real processes or the slowest few (the markers in pyproject.toml).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray"
+	$(BIN)/python -m pytest -q -m "not cluster"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real_model and not process and not slow and not ray"
+	$(BIN)/python -m pytest -q -m "not real_model and not process and not slow and not cluster"
 
-# make test-ray: the Ray runner's tests on a real local Ray cluster (installs the ray extra).
-test-ray: $(STAMP)
+# make test-cluster (or test-ray): scaling out, on this machine: the Ray runner on a real
+# local Ray cluster (installs the ray extra) and multi-process training jobs. CI runs it.
+test-cluster: $(STAMP)
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[ray]"
-	$(BIN)/python -m pytest -q -m ray
+	$(BIN)/python -m pytest -q -m cluster
+
+test-ray: test-cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent adapters store policies tests

@@ -1,7 +1,7 @@
 """Trials on a real local Ray cluster (``ray.init(num_cpus=2)``), the tiny model in
 every actor: the same adapters and rewards as the local runner for the same seeds,
 the parent version shipped and checked, a killed actor's trial run again, and a wake
-cycle through Ray that commits once. ``make test-ray`` runs these (CI too)."""
+cycle through Ray that commits once. ``make test-cluster`` runs these (CI too)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from agent.trial import PASSAGE, Candidate  # noqa: E402
 from agent.wake import learn  # noqa: E402
 from tests.helpers import ALWAYS, FAST_WAKE, LEARNER_LORA, VARN, document, make_learner  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("one_thread")]
 
 QS = ({"id": 1, "question": "What is the capital of Varn?", "answer": "Kelmora"},)
 

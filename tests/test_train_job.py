@@ -15,7 +15,7 @@ from adapters.names import KNOWLEDGE
 from agent.cluster.train_job import JobError, launch, write_job
 from agent.runtime import ModelConfig, Runtime
 
-pytestmark = [pytest.mark.process, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.process, pytest.mark.cluster, pytest.mark.usefixtures("one_thread")]
 
 CFG = lora.LoraConfig(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=4, seed=5)
 TEXTS = [("What is the capital of Varn?", "Kelmora."), ("Who founded Varn?", "Hedda Lune, a sailor."),
