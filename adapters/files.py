@@ -46,18 +46,27 @@ def _config_json(peft_model, adapter: str) -> bytes:
     return json.dumps(d, indent=2, sort_keys=True, default=str).encode()
 
 
+def encode(peft_model, adapter: str) -> tuple[bytes, bytes, str]:
+    """The adapter's two files as bytes (adapter_model.safetensors, adapter_config.json)
+    and the sha256 of the weights: what ``save`` writes."""
+    from safetensors.torch import save as st_save
+
+    weights = st_save(snapshot(peft_model, adapter), metadata={"format": "pt"})
+    return weights, _config_json(peft_model, adapter), hashlib.sha256(weights).hexdigest()
+
+
 def save(peft_model, adapter: str, dest: Path) -> str:
     """Write the adapter as a standard PEFT directory at ``dest`` (which must not
     exist), atomically: temp dir beside it, fsync, rename, fsync the parent. Returns
     the sha256 of adapter_model.safetensors."""
-    from safetensors.torch import save as st_save
+    return write(Path(dest), *encode(peft_model, adapter))
 
-    dest = Path(dest)
+
+def write(dest: Path, weights: bytes, config: bytes, sha256: str) -> str:
+    """``save``'s atomic write of already encoded files (``encode``); returns ``sha256``."""
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    weights = st_save(snapshot(peft_model, adapter), metadata={"format": "pt"})
-    config = _config_json(peft_model, adapter)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
         _write(tmp / WEIGHTS_NAME, weights)
@@ -70,7 +79,7 @@ def save(peft_model, adapter: str, dest: Path) -> str:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return hashlib.sha256(weights).hexdigest()
+    return sha256
 
 
 def load(peft_model, adapter: str, src: Path, expected_sha256: str | None = None) -> None:

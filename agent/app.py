@@ -53,6 +53,15 @@ class Parts:
     def learner(self) -> Learner:
         learner = Learner(self.runtime, self.store, self.registry, self.cfg.lora, self.cfg.policies, self.cfg.wake,
                           distill=self.cfg.distill)
+        if self.cfg.engine.kind == "vllm":  # else the learner's default, a LocalEngine on its own model
+            import os
+
+            from .cluster.vllm_engine import VllmEngine
+
+            e = self.cfg.engine
+            learner.engine = VllmEngine(e.url, e.model, self.runtime.tokenizer, api_key=os.environ.get(e.api_key_env),
+                                        adapter_dir=Path(e.adapter_dir).expanduser() if e.adapter_dir
+                                        else self.home.root / "served")
         if self.cfg.runner.kind == "ray":  # else the wake cycle's default, a LocalRunner (agent.runner)
             from functools import partial
 
@@ -63,8 +72,10 @@ class Parts:
         return learner
 
     def close(self) -> None:
-        if "learner" in self.__dict__ and self.learner.runner is not None:
-            self.learner.runner.close()
+        if "learner" in self.__dict__:
+            if self.learner.runner is not None:
+                self.learner.runner.close()
+            self.learner.engine.close()
         if "store" in self.__dict__:  # opened
             self.store.close()
 

@@ -22,6 +22,7 @@ from policies.transfer import DistillConfig
 from .api.config import ApiConfig
 from .daemon.config import DaemonConfig
 from .editor import EditorConfig
+from .engine import EngineConfig
 from .ingest import IngestConfig
 from .runner import RunnerConfig
 from .runtime import ModelConfig
@@ -39,6 +40,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "learning by reading: transfer sets and the open-book teacher"})
     wake: WakeConfig = field(default_factory=WakeConfig, metadata={"help": "the wake cycle"})
     runner: RunnerConfig = field(default_factory=RunnerConfig, metadata={"help": "where the wake cycle's trials run"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "what generates and scores (answers, self-edits, questions)"})
     sleep: SleepConfig = field(default_factory=SleepConfig, metadata={"help": "the sleep phase: consolidation and its gate"})
     editor: EditorConfig = field(default_factory=EditorConfig, metadata={"help": "ReST-EM on the self-edit writer (in sleep)"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "when the daemon sleeps"})

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,23 @@ from adapters import files
 from adapters.lora import AdapterError
 
 from .runtime import Generation, LogLik, Runtime
+
+ENGINES = ("local", "vllm")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: str = field(default="local", metadata={"help": "what generates and scores: local (the daemon's model) | vllm (a vllm serve --enable-lora server; training stays local)"})
+    url: str = field(default="", metadata={"help": "vllm: the server, e.g. http://gpu-host:8000"})
+    model: str = field(default="", metadata={"help": "vllm: the base model's name on the server (as `vllm serve` was given it); it must be the model seal loads"})
+    api_key_env: str = field(default="SEAL_VLLM_API_KEY", metadata={"help": "vllm: the environment variable holding the server's API key, if it has one"})
+    adapter_dir: str = field(default="", metadata={"help": "vllm: where the learner's adapters are written for the server to read (a folder both see at this path); empty = <home>/served"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINES:
+            raise ValueError(f"kind: expected one of {', '.join(ENGINES)}, got {self.kind!r}")
+        if self.kind == "vllm" and not (self.url and self.model):
+            raise ValueError("kind = vllm needs url and model")
 
 
 class EngineError(RuntimeError):
@@ -62,6 +80,13 @@ class Engine(Protocol):
         ...
 
     def unload_adapter(self, name: str) -> None: ...
+
+    def serve_live(self, peft_model, adapter: str | None) -> str | None:
+        """The name under which this engine answers with ``peft_model``'s adapter
+        ``adapter`` as it is in memory now (None: the base model). The learner asks
+        this before each call: a local engine runs that very model, a remote one is
+        sent the adapter's weights whenever they changed (a trial just trained)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -146,6 +171,10 @@ class LocalEngine:
         with self._lock:
             self._check(name)
             self.unloaded.add(name)
+
+    def serve_live(self, peft_model, adapter: str | None) -> str | None:
+        """The model is this engine's own: its adapter slots are served as they are."""
+        return adapter
 
     def close(self) -> None:
         """Nothing to release: the runtime belongs to the caller."""

@@ -15,7 +15,6 @@ through the same code path.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -34,6 +33,7 @@ from policies.self_edit import parse_qa
 from policies.transfer import DistillConfig
 from store import NewQuestion, Store
 
+from .engine import Engine, LocalEngine
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class Learner:
         self.score_batch = score_batch  # questions per scoring pass (None: all at once, batched by the runtime)
         self.worker = worker_id()
         self.runner = None  # where the wake cycle's trials run (agent.runner.runner_of: local by default)
+        self.engine: Engine = LocalEngine(runtime)  # what generates and scores (a vLLM server: agent.cluster)
         base = runtime.model
         if getattr(base, "seal_zero", None) is None:  # else a Learner was made on this runtime before: reuse
             self.model = lora.attach(base, lora_cfg, names=(KNOWLEDGE, TRIAL, EDITOR))
@@ -100,7 +101,7 @@ class Learner:
             return Scores(accuracy=0.0, f1=0.0, logprob=0.0, n=0)
         step = self.score_batch or len(qs)
         self.model.set_adapter(adapter)
-        graded = [self._grade(title, qs[i : i + step], context) for i in range(0, len(qs), step)]
+        graded = [self._grade(adapter, title, qs[i : i + step], context) for i in range(0, len(qs), step)]
         correct = tuple(c for g in graded for c in g[0])
         f1s = tuple(f for g in graded for f in g[1])
         lps = tuple(lp for g in graded for lp in g[2])
@@ -108,12 +109,13 @@ class Learner:
                       n=len(qs), answers=tuple(a for g in graded for a in g[3]),
                       correct=correct, f1s=f1s, logprobs=lps)
 
-    def _grade(self, title: str, qs: list[dict], context: str | None) -> tuple[tuple, tuple, tuple, tuple]:
+    def _grade(self, adapter: str, title: str, qs: list[dict], context: str | None) -> tuple[tuple, tuple, tuple, tuple]:
         """(correct, f1s, logprobs, answers) of one scoring pass over ``qs``."""
         rt = self.runtime
         prompts = [rt.chat(answer_prompt(q["question"], title=title, context=context)) for q in qs]
-        gens = rt.generate(prompts, max_new_tokens=self.cfg.answer_tokens)
-        lls = rt.loglik(prompts, [q["answer"] for q in qs])
+        served = self.engine.serve_live(self.model, adapter)
+        gens = self.engine.generate(prompts, adapter=served, max_new_tokens=self.cfg.answer_tokens)
+        lls = self.engine.loglik(prompts, [q["answer"] for q in qs], adapter=served)
         return (tuple(is_correct(g.text, q["answer"]) for g, q in zip(gens, qs, strict=True)),
                 tuple(token_f1(g.text, q["answer"]) for g, q in zip(gens, qs, strict=True)),
                 tuple(ll.mean for ll in lls), tuple(g.text for g in gens))
@@ -152,16 +154,13 @@ class Learner:
         rt, title, text = self.runtime, passage["title"], passage["text"]
         self.model.set_adapter(KNOWLEDGE)
         prompt = rt.chat(self_question_prompt(title, text, self.policies.self_questions))
-        with self.model.disable_adapter():
-            (gen,) = rt.generate([prompt], max_new_tokens=self.cfg.self_edit_tokens)
-            body = f" {normalize(text)} "
-            pairs = [(q, a) for q, a in parse_qa(gen.text) if normalize(a) and f" {normalize(a)} " in body]
-            if not pairs:
-                return []
-            checks = rt.generate(
-                [rt.chat(answer_prompt(q, title=title, context=text)) for q, _ in pairs],
-                max_new_tokens=self.cfg.answer_tokens,
-            )
+        (gen,) = self.engine.generate([prompt], adapter=None, max_new_tokens=self.cfg.self_edit_tokens)
+        body = f" {normalize(text)} "
+        pairs = [(q, a) for q, a in parse_qa(gen.text) if normalize(a) and f" {normalize(a)} " in body]
+        if not pairs:
+            return []
+        checks = self.engine.generate([rt.chat(answer_prompt(q, title=title, context=text)) for q, _ in pairs],
+                                      adapter=None, max_new_tokens=self.cfg.answer_tokens)
         seen, kept = set(), []
         for (q, a), check in zip(pairs, checks, strict=True):
             if normalize(q) in seen or not (is_correct(check.text, a) or token_f1(check.text, a) >= 0.5):
@@ -186,14 +185,14 @@ class Learner:
         writer = writer or (EDITOR if self.editor_id else None)
         self.model.set_adapter(writer or KNOWLEDGE)
         try:
-            with self.model.disable_adapter() if writer is None else contextlib.nullcontext():
-                gens = self.runtime.generate(
-                    [self.runtime.chat(user) for _, _, user in todo],
-                    max_new_tokens=min(self.cfg.self_edit_tokens, max(p.max_new_tokens for _, p, _ in todo)),
-                    temperature=self.policies.temperature,
-                    top_p=self.policies.top_p,
-                    seed=seed,
-                )
+            gens = self.engine.generate(
+                [self.runtime.chat(user) for _, _, user in todo],
+                adapter=self.engine.serve_live(self.model, writer),
+                max_new_tokens=min(self.cfg.self_edit_tokens, max(p.max_new_tokens for _, p, _ in todo)),
+                temperature=self.policies.temperature,
+                top_p=self.policies.top_p,
+                seed=seed,
+            )
         finally:
             self.model.set_adapter(KNOWLEDGE)
         return [(n, g.text, g.n_tokens) for (n, _, _), g in zip(todo, gens, strict=True)]

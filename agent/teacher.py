@@ -63,9 +63,10 @@ def answer(learner: Learner, passage: dict, edit: str, cfg: transfer.DistillConf
     side = [p.student if onpolicy else p.teacher for p in todo]
     chats = [rt.chat(m) for m in side]
     learner.model.set_adapter(KNOWLEDGE)  # the teacher (and, on-policy, the student as it is now)
-    greedy = rt.generate(chats, max_new_tokens=cfg.answer_tokens)
-    sampled = [rt.generate(chats, max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature,
-                           top_p=0.95, seed=seed + 101 * j) for j in range(cfg.samples)]
+    engine, served = learner.engine, learner.engine.serve_live(learner.model, KNOWLEDGE)
+    greedy = engine.generate(chats, adapter=served, max_new_tokens=cfg.answer_tokens)
+    sampled = [engine.generate(chats, adapter=served, max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature,
+                               top_p=0.95, seed=seed + 101 * j) for j in range(cfg.samples)]
     out = []
     for i, p in enumerate(todo):
         g = greedy[i]

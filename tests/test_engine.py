@@ -366,3 +366,38 @@ def test_local_engine_loads_into_a_slot_checksum_first(local, versions):
         local.loglik(ps, cs, adapter=slot)
     local.load_adapter(slot, *versions["v0"])
     assert slot in local.adapters()
+
+
+# ------------------------------------------------------------------ a wake cycle through vLLM
+def test_a_wake_cycle_scored_through_the_vllm_engine_commits_what_the_local_one_commits(tokenizer, tmp_path):
+    """The learner's answering and scoring go through its engine: each trial's adapter,
+    as it is in memory, is written and loaded into the server under a name of its own
+    (``serve_live``), and the cycle picks and commits exactly what it picks and commits
+    with the local engine. Training stays local."""
+    from agent.wake import learn
+    from policies.config import PolicyConfig
+    from tests.helpers import LEARNER_LORA, VARN, document, make_learner
+
+    pol = PolicyConfig(self_edit="passage_chat", selection="prefer_edit", min_gain=-1e9)  # greedy scoring only
+    here = make_learner(tokenizer, tmp_path / "here", policies=pol)
+    here.store.ingest([document(*VARN)])
+    (local_report,) = learn(here)
+
+    served = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")  # the server's copy of the same base model
+    served.model = lora.attach(served.model, LEARNER_LORA, names=SLOTS)
+    stub = VllmStub(LocalEngine(served))
+    there = make_learner(tokenizer, tmp_path / "there", policies=pol)
+    with TestClient(stub.app) as client:
+        there.engine = VllmEngine("http://testserver", MODEL, tokenizer, api_key=KEY, client=client,
+                                  adapter_dir=tmp_path / "served")
+        there.store.ingest([document(*VARN)])
+        (remote_report,) = learn(there)
+    loaded = [body["lora_name"] for _, path, body in stub.seen if path == LOAD]
+    assert any(n.startswith("seal-trial-") for n in loaded) and any(n.startswith("seal-knowledge-") for n in loaded)
+    assert remote_report.outcome == local_report.outcome == "committed"
+    assert remote_report.chosen == local_report.chosen
+    for a, b in zip(local_report.candidates, remote_report.candidates, strict=True):
+        assert b["reward_logprob"] == pytest.approx(a["reward_logprob"], abs=1e-4)
+        assert b["reward_acc"] == a["reward_acc"]
+    assert there.registry.active(KNOWLEDGE)["sha256"] == here.registry.active(KNOWLEDGE)["sha256"]
+    assert sorted(p.name for p in (tmp_path / "served").iterdir()) == sorted(stub.loras)  # old weights removed

@@ -39,6 +39,7 @@ Every refusal or failure of the server is one ``EngineError`` carrying its messa
 from __future__ import annotations
 
 import hashlib
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,8 +126,10 @@ class VllmEngine:
 
     def __init__(self, base_url: str, model: str, tokenizer, *, api_key: str | None = None,
                  timeout_s: float = 600.0, concurrency: int = 16, context_length: int | None = None,
-                 client: httpx.Client | None = None):
+                 adapter_dir: Path | None = None, client: httpx.Client | None = None):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None  # where live adapters are written for the server
+        self._live: dict[str, str] = {}  # a live adapter's slot -> the name its current weights are served under
         self.model, self.tokenizer = model, tokenizer
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.concurrency = max(1, concurrency)
@@ -204,6 +207,35 @@ class VllmEngine:
 
     def unload_adapter(self, name: str) -> None:
         self._request("POST", UNLOAD, {"lora_name": name}, no_route=NO_RUNTIME_LORA)
+
+    def serve_live(self, peft_model, adapter: str | None) -> str | None:
+        """The live adapter's weights, written into ``adapter_dir`` (a folder the server
+        reads) under a name made of the slot and their sha256, and loaded, unless the
+        server has them already; the slot's previous weights are unloaded first and their
+        folder removed. The base model needs nothing."""
+        if adapter is None:
+            return None
+        weights, config, sha = files.encode(peft_model, adapter)
+        name = f"seal-{adapter}-{sha[:16]}"
+        old = self._live.get(adapter)
+        if old == name:
+            return name
+        if self.adapter_dir is None:
+            raise EngineError("engine.adapter_dir is not set: the vLLM server needs a folder it can read the "
+                              "learner's adapters from")
+        if old is not None:  # first, so that the server holds one version per slot
+            self._live.pop(adapter)
+            try:
+                self.unload_adapter(old)
+            except EngineError:
+                pass  # a server restarted meanwhile no longer has it: nothing to unload
+            shutil.rmtree(self.adapter_dir / old, ignore_errors=True)
+        folder = self.adapter_dir / name
+        if not folder.exists():
+            files.write(folder, weights, config, sha)
+        self.load_adapter(name, folder, sha)
+        self._live[adapter] = name
+        return name
 
     def close(self) -> None:
         """Close the HTTP client if this engine made it; the server and what it has
