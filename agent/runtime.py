@@ -371,15 +371,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ scoring
     def _encode_pairs(self, prompts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
-        """Token ids of prompt + continuation, and where the continuation starts.
-        Prompt and continuation are tokenised separately so that the boundary is exact."""
-        tok = self.tokenizer
-        pairs = []
-        for p, c in zip(prompts, continuations, strict=True):
-            p_ids = tok(p, add_special_tokens=False)["input_ids"]
-            c_ids = tok(c, add_special_tokens=False)["input_ids"]
-            pairs.append((p_ids + c_ids, len(p_ids)))
-        return pairs
+        return encode_pairs(self.tokenizer, prompts, continuations)
 
     @torch.no_grad()
     def loglik(self, prompts: list[str], continuations: list[str], batch_size: int | None = None) -> list[LogLik]:
@@ -439,6 +431,18 @@ class Runtime:
         finally:
             self.model.train(was_training)
         return out
+
+
+def encode_pairs(tokenizer, prompts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + continuation, and where the continuation starts. Prompt
+    and continuation are tokenised separately (no special tokens added) so that the
+    boundary is exact; a remote engine sends the same ids."""
+    pairs = []
+    for p, c in zip(prompts, continuations, strict=True):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        pairs.append((p_ids + c_ids, len(p_ids)))
+    return pairs
 
 
 def tiny_llama(tokenizer, seed: int = 0):

@@ -447,11 +447,16 @@ def _bench_runners(app: App, path: Path, seed: int, split: str, workers: str, tr
 
 
 def _print_speed(result: dict) -> None:
-    import textwrap
-
     from .speed import render
 
-    for piece in render(result):
+    _print_wrapped(render(result))
+
+
+def _print_wrapped(pieces: list) -> None:
+    """Rich tables as they are, lines of text wrapped to 80 columns."""
+    import textwrap
+
+    for piece in pieces:
         if isinstance(piece, str):
             click.echo(textwrap.fill(piece, 80, subsequent_indent="  ", break_on_hyphens=False))
         else:
@@ -490,15 +495,9 @@ def bench_trl(app: App, data_path: str | None, passages: int, seed: int, split: 
 
 
 def _print_trl(result: dict) -> None:
-    import textwrap
-
     from .trl import render
 
-    for piece in render(result):
-        if isinstance(piece, str):
-            click.echo(textwrap.fill(piece, 80, subsequent_indent="  ", break_on_hyphens=False))
-        else:
-            print_table(piece)
+    _print_wrapped(render(result))
 
 
 @bench.command("views")

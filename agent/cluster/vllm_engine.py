@@ -22,7 +22,7 @@ the fields of vLLM's own source (``CompletionRequest`` in
   reproducible. ``n_tokens`` is ``usage.completion_tokens``, which counts the EOS that
   ended a completion, as ``Runtime`` does.
 - ``loglik``: prompt and continuation as token ids, tokenised separately exactly as
-  ``Runtime._encode_pairs`` does so that the boundary is the same, ``max_tokens`` 1 and
+  ``agent.runtime.encode_pairs`` does so that the boundary is the same, ``max_tokens`` 1 and
   ``prompt_logprobs`` 0: vLLM then returns, at every prompt position but the first,
   the log-probability of the token that is there (with the top 0 others); the
   continuation's are summed.
@@ -48,24 +48,13 @@ import httpx
 from adapters import files
 
 from ..engine import EngineError
-from ..runtime import Generation, LogLik
+from ..runtime import Generation, LogLik, encode_pairs
 
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
 NO_RUNTIME_LORA = "the server does not load LoRA adapters at run time: start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
-
-
-def encode_pairs(tokenizer, prompts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + continuation, and where the continuation starts, as
-    ``Runtime._encode_pairs``: each part tokenised alone, no special tokens added."""
-    pairs = []
-    for p, c in zip(prompts, continuations, strict=True):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-        pairs.append((p_ids + c_ids, len(p_ids)))
-    return pairs
 
 
 def continuation_loglik(choice: dict, ids: list[int], start: int) -> LogLik:
