@@ -114,3 +114,18 @@ def test_several_sequences_give_mean_and_standard_deviation():
     assert s["at_learning_sd"] == pytest.approx(0.1414, abs=1e-3) and s["at_learning_spread"] == pytest.approx(0.2)
     (one,) = summarise([run(0.2, 0.4)], ("sleep",))
     assert one["at_learning_sd"] == 0.0
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_with_its_finished_sequences_kept(tokenizer, data_file):
+    runtime = Runtime(tiny_llama(tokenizer), tokenizer, name="tiny")
+    kw = dict(data_path=data_file, passages=2, sleep_every=2, seed=1, split="all", conditions=("no-sleep",))
+    first = run_continual(runtime, _cfg(), sequences=1, **kw)
+    said = []
+    both = run_continual(runtime, _cfg(), sequences=2, previous=first, say=said.append, **kw)
+    assert "seq 1: kept from the previous run" in said and not any(m.startswith("seq 1: update") for m in said)
+    assert any(m.startswith("seq 2: update") for m in said)
+    assert [r["sequence"] for r in both["runs"]] == [0, 1]
+    assert both["runs"][0] == first["runs"][0] and both["summary"][0]["sequences"] == 2
+    with pytest.raises(ValueError, match="cannot resume: the saved result has seed 1, not 2"):
+        run_continual(runtime, _cfg(), sequences=2, previous=first, **{**kw, "seed": 2})

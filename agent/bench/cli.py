@@ -278,9 +278,10 @@ def _print_squad(result: dict) -> None:
               help="eval: passages never used for tuning; tune: the tuning split")
 @click.option("--conditions", default="no-sleep,sleep,sleep+dreams", show_default=True, help="conditions to run")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/continual-<seed>-<n>.json)")
+@click.option("--resume", is_flag=True, help="keep the finished sequences of --out (same settings) and run the rest")
 @pass_app
 def bench_continual(app: App, data_path: str | None, passages: int, sleep_every: int, sequences: int, seed: int,
-                    split: str, conditions: str, out_path: str | None) -> None:
+                    split: str, conditions: str, out_path: str | None, resume: bool) -> None:
     """Learn passages in sequence; the forgetting matrix with and without sleep and dreams."""
     from .common import DEFAULT_DATA
     from .continual import CONDITIONS, dumps, plot, run_continual
@@ -294,6 +295,12 @@ def bench_continual(app: App, data_path: str | None, passages: int, sleep_every:
         fail(f"unknown condition {unknown[0] if unknown else ''!r} (known: {', '.join(CONDITIONS)})")
     target = Path(out_path) if out_path else Path("bench-out") / f"continual-{seed}-{passages}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if resume and target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except ValueError as e:
+            fail(f"{target}: cannot resume from it: {e}")
 
     def save(result: dict) -> None:
         tmp = target.with_suffix(".tmp")
@@ -301,7 +308,8 @@ def bench_continual(app: App, data_path: str | None, passages: int, sleep_every:
         tmp.replace(target)
 
     shared = min(sleep_every, passages)
-    steps = sequences * (shared + len(conds) * (passages - shared))
+    kept = len({r["sequence"] for r in (previous or {}).get("runs", [])})
+    steps = max(1, sequences - kept) * (shared + len(conds) * (passages - shared))
     with _progress(steps) as (say, tick):
         done = [0]
 
@@ -309,9 +317,12 @@ def bench_continual(app: App, data_path: str | None, passages: int, sleep_every:
             done[0] += 1
             tick(done[0], steps)
 
-        result = run_continual(app.runtime, app.cfg, data_path=path, passages=passages, sleep_every=sleep_every,
-                               seed=seed, sequences=sequences, split=split, conditions=conds, say=say,
-                               on_step=step, on_result=save)
+        try:
+            result = run_continual(app.runtime, app.cfg, data_path=path, passages=passages, sleep_every=sleep_every,
+                                   seed=seed, sequences=sequences, split=split, conditions=conds, say=say,
+                                   on_step=step, on_result=save, previous=previous)
+        except ValueError as e:
+            fail(str(e))
     save(result)
     _print_continual(result)
     png = plot(result, target.with_suffix(".png"))

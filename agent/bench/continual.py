@@ -111,8 +111,12 @@ def run_continual(
     say: Callable[[str], None] = lambda _m: None,
     on_step: Callable[[], None] = lambda: None,
     on_result: Callable[[dict], None] | None = None,
+    previous: dict | None = None,
 ) -> dict:
-    """Run every condition on ``sequences`` sequences of passages; returns the JSON-able result."""
+    """Run every condition on ``sequences`` sequences of passages; returns the JSON-able
+    result. ``previous``: a saved result of the same settings (an interrupted run): its
+    sequences that have every condition are kept, not run again (each sequence has its
+    own seed, so the rest are what they would have been)."""
     import peft
     import torch
     import transformers
@@ -123,9 +127,12 @@ def run_continual(
     wake_cfg = dataclasses.replace(cfg.wake, forgetting_sample=0, seed=seed)
     if any(f.name == "track" for f in dataclasses.fields(wake_cfg)):
         wake_cfg = dataclasses.replace(wake_cfg, track=False)  # the benchmark measures everything itself
+    runs: list[dict] = _resumable(previous, data_id(data_path), passages, sleep_every, seed, split, conditions)
+    finished = {k for k in {r["sequence"] for r in runs}
+                if {r["condition"] for r in runs if r["sequence"] == k} >= set(conditions)}
+    runs = [r for r in runs if r["sequence"] in finished]
     root = Path(tempfile.mkdtemp(prefix="seal-continual-"))
     learner: Learner | None = None
-    runs: list[dict] = []
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                 "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
 
@@ -141,6 +148,9 @@ def run_continual(
         }
 
     for k in range(sequences):
+        if k in finished:
+            say(f"seq {k + 1}: kept from the previous run")
+            continue
         data = draw(load_squad(data_path), passages, seed + k, split, min_questions=4)
         base_home = root / f"seq{k}-base"
         (base_home / "adapters").mkdir(parents=True)
@@ -194,6 +204,19 @@ def run_continual(
         learner.store = None
     shutil.rmtree(root, ignore_errors=True)
     return result()
+
+
+def _resumable(previous: dict | None, data: str, passages: int, sleep_every: int, seed: int, split: str,
+               conditions: tuple[str, ...]) -> list[dict]:
+    """The runs of ``previous`` when it was made with the same settings (else a
+    ValueError that says which differs)."""
+    if not previous:
+        return []
+    want = {"data": data, "passages": passages, "sleep_every": sleep_every, "seed": seed, "split": split}
+    for key, value in want.items():
+        if previous.get(key) != value:
+            raise ValueError(f"cannot resume: the saved result has {key} {previous.get(key)!r}, not {value!r}")
+    return [r for r in previous.get("runs", []) if r["condition"] in conditions]
 
 
 def _step(learner: Learner, ids: list[int], i: int, say: Callable[[str], None], where: str) -> dict:
