@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +79,21 @@ def test_a_stop_kills_the_job(tiny_dir, tmp_path):
     with pytest.raises(JobError, match="stop requested"):
         launch(job, processes=2, should_stop=lambda: polls.append(1) or len(polls) > 20)
     assert not (job / "result.json").exists()
+    time.sleep(2)  # no worker outlives its job: none is still training on it
+    assert not _processes_of(job)
+
+
+def _processes_of(job) -> list[str]:
+    """The command lines of processes that name ``job`` (the job's workers)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "agent.cluster.train_job" in cmd and str(job) in cmd:
+            out.append(cmd)
+    return out
 
 
 def test_a_sleep_trains_its_consolidation_in_two_processes(tiny_dir, tmp_path):

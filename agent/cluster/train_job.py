@@ -116,8 +116,7 @@ def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = la
                 time.sleep(poll_s)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _stop(proc)
     result = folder / RESULT
     if proc.returncode != 0 or not result.is_file():
         lines = (folder / "job.log").read_text(errors="replace").strip().splitlines()
@@ -127,5 +126,33 @@ def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = la
     return json.loads(result.read_text(encoding="utf-8"))
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop torchrun and its workers: SIGTERM, which torchrun passes on to the workers
+    it started (each in a session of its own), then SIGKILL for whatever is left. A
+    worker whose torchrun is gone exits by itself (``_exit_with_parent``)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A daemon thread that ends this process when its parent (torchrun) is gone, so
+    that no training worker outlives its job, however the job was stopped."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 if __name__ == "__main__":
+    _exit_with_parent()
     run_job(Path(sys.argv[1]))
