@@ -429,12 +429,14 @@ def test_a_wake_cycle_with_passage_chat_trains_and_records_it(tokenizer, home):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("policy", ["passage_cloze", "passage_recall"])
+@pytest.mark.parametrize("policy", ["passage_cloze"])
 def test_real_model_rule_made_questions_answer_an_invented_fact(real_runtime, tmp_path, policy):
     """passage_chat plus rule-made questions, on the default model: after one trial on
     an invented passage, the closed-book answer names the fact it did not know, and the
     fact is far more likely than before. (The default, passage_chat, learns the same
-    fact in a whole wake cycle in tests/test_api.py's real-model test.)"""
+    fact in a whole wake cycle in tests/test_api.py's real-model test; passage_recall
+    differs from passage_cloze only in which part of a rule-made item answers, and it
+    passed here too, 79 s, before make test's 15 minutes needed the time back.)"""
     from adapters.names import KNOWLEDGE, TRIAL
     from adapters.registry import AdapterRegistry
     from agent.learner import Learner
