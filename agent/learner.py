@@ -101,7 +101,8 @@ class Learner:
             return Scores(accuracy=0.0, f1=0.0, logprob=0.0, n=0)
         step = self.score_batch or len(qs)
         self.model.set_adapter(adapter)
-        graded = [self._grade(adapter, title, qs[i : i + step], context) for i in range(0, len(qs), step)]
+        served = self.engine.serve_live(self.model, adapter)  # once: a remote engine is sent the weights
+        graded = [self._grade(served, title, qs[i : i + step], context) for i in range(0, len(qs), step)]
         correct = tuple(c for g in graded for c in g[0])
         f1s = tuple(f for g in graded for f in g[1])
         lps = tuple(lp for g in graded for lp in g[2])
@@ -109,11 +110,11 @@ class Learner:
                       n=len(qs), answers=tuple(a for g in graded for a in g[3]),
                       correct=correct, f1s=f1s, logprobs=lps)
 
-    def _grade(self, adapter: str, title: str, qs: list[dict], context: str | None) -> tuple[tuple, tuple, tuple, tuple]:
-        """(correct, f1s, logprobs, answers) of one scoring pass over ``qs``."""
+    def _grade(self, served: str | None, title: str, qs: list[dict], context: str | None) -> tuple[tuple, tuple, tuple, tuple]:
+        """(correct, f1s, logprobs, answers) of one scoring pass over ``qs``, asked of the
+        engine's adapter ``served``."""
         rt = self.runtime
         prompts = [rt.chat(answer_prompt(q["question"], title=title, context=context)) for q in qs]
-        served = self.engine.serve_live(self.model, adapter)
         gens = self.engine.generate(prompts, adapter=served, max_new_tokens=self.cfg.answer_tokens)
         lls = self.engine.loglik(prompts, [q["answer"] for q in qs], adapter=served)
         return (tuple(is_correct(g.text, q["answer"]) for g, q in zip(gens, qs, strict=True)),

@@ -43,13 +43,14 @@ FILES = (files.WEIGHTS_NAME, files.CONFIG_NAME)
 
 
 def read_adapter(folder: Path) -> dict[str, bytes]:
+    """An adapter folder's two files, to travel as bytes."""
     return {name: (Path(folder) / name).read_bytes() for name in FILES}
 
 
-def write_adapter(blob: dict[str, bytes], folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for name in FILES:
-        (folder / name).write_bytes(blob[name])
+def write_adapter(blob: dict[str, bytes], folder: Path, sha256: str | None) -> Path:
+    """Bytes from ``read_adapter`` as a folder again, written as ``files.save`` writes
+    (atomically); the checksum is checked by whoever loads it."""
+    files.write(folder, blob[files.WEIGHTS_NAME], blob[files.CONFIG_NAME], sha256 or "")
     return folder
 
 
@@ -90,7 +91,7 @@ class TrialWorker:
         else:
             if blob is None:
                 raise ValueError(f"trial spec names parent {ref.id} but its files were not sent")
-            folder = write_adapter(blob, self.root / f"parent-{uuid.uuid4().hex[:8]}")
+            folder = write_adapter(blob, self.root / f"parent-{uuid.uuid4().hex[:8]}", ref.sha256)
             try:
                 files.load(self.learner.model, KNOWLEDGE, folder, expected_sha256=ref.sha256)
             finally:
@@ -155,7 +156,8 @@ class RayRunner:
                         beat()
                     continue
                 spec, o = by_idx[out["idx"]], out["outcome"]
-                folder = write_adapter(out["files"], self.scratch / f"trial-{spec.idx:02d}") if out["files"] else None
+                folder = (write_adapter(out["files"], self.scratch / f"trial-{spec.idx:02d}", out["sha256"])
+                          if out["files"] else None)
                 got[spec.idx] = TrialResult(spec, o, folder, out["sha256"])
                 on_event(Event("train", END, candidate=spec.idx, policy=spec.candidate.policy,
                                tokens=o.result.tokens if o.result else 0, steps=o.result.steps if o.result else 0,
