@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adapters import lora
+from adapters import files, lora
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from policies import self_edit as self_edits
 from policies.reward import relative_to
@@ -70,6 +70,11 @@ class EditorConfig:
         metadata={"help": "keep the new editor if its held-out reward >= the old one's minus this (negative: demand a gain)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of SFT, sampling and trials"})
+    processes: int = field(
+        default=1,
+        metadata={"help": "run the SFT in this many processes, data parallel (one per GPU; torchrun, "
+                          "agent.cluster.train_job); 1 = in the daemon's model. Must divide batch_size"},
+    )
 
     def __post_init__(self) -> None:
         if self.min_pairs < 1 or self.max_pairs < self.min_pairs:
@@ -84,6 +89,8 @@ class EditorConfig:
             raise ValueError("lr must be a positive finite number")
         if self.heldout < 1:
             raise ValueError("heldout must be >= 1")
+        if self.processes < 1 or self.batch_size % self.processes:
+            raise ValueError("processes must be >= 1 and divide batch_size (each step's rows are split between them)")
         if not (math.isfinite(self.margin) and math.isfinite(self.tolerance)):
             raise ValueError("margin and tolerance must be finite numbers")
 
@@ -195,7 +202,23 @@ def _isolated(model):
 def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TRIAL,
         on_event: OnEvent = ignore, should_stop: Callable[[], bool] = lambda: False) -> SFTResult:
     """Fine-tune ``adapter`` (only it) on prompt-completion rows with trl's SFTTrainer:
-    loss on the completion (EOS appended) only; no hub, no reports, no checkpoints."""
+    loss on the completion (EOS appended) only; no hub, no reports, no checkpoints.
+    With ``cfg.processes`` > 1 the SFT runs as a data-parallel job of that many
+    processes (``agent.cluster.train_job``, under torchrun: trl's trainer on DDP) and
+    its adapter is loaded into ``adapter``, checksum checked."""
+    if cfg.processes > 1:
+        return _sft_in_processes(learner, rows, cfg, adapter, on_event, should_stop)
+    with _isolated(learner.model):
+        return sft_model(learner.model, learner.runtime.tokenizer, rows, cfg, adapter, on_event, should_stop)
+
+
+def sft_model(model, tok, rows: list[dict], cfg: EditorConfig, adapter: str, on_event: OnEvent = ignore,
+              should_stop: Callable[[], bool] = lambda: False, processes: int = 1) -> SFTResult:
+    """The SFT itself, on a PEFT model: in the daemon (one process) or in each process of
+    a training job. With ``processes`` > 1 (run under torchrun) each optimiser step
+    takes the same ``cfg.batch_size`` rows as one process would, split between the
+    processes (``split_batches``), and the loss is averaged over the tokens of all of
+    them, so a step is the one-process step up to float rounding."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     from transformers import TrainerCallback
@@ -203,7 +226,6 @@ def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TR
     from trl import SFTConfig, SFTTrainer
 
     disable_progress_bar()
-    model, tok = learner.model, learner.runtime.tokenizer
     losses: list[tuple[float, float]] = []  # (epoch, loss)
     stopped = [False]
 
@@ -223,56 +245,83 @@ def sft(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str = TR
     t0 = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="seal-editor-sft-")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    with _isolated(model):
-        model.set_adapter(adapter, inference_mode=True)
-        wanted = {id(p) for p in lora._lora_params(model, adapter).values()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
-        args = SFTConfig(
-            output_dir=out_dir,
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=1,
-            max_length=cfg.max_length,
-            packing=False,
-            completion_only_loss=True,
-            activation_checkpointing=False,  # TRL turns it on by default; a LoRA on a small model needs no saving
-            bf16=False,
-            fp16=False,
-            use_cpu=on_cpu,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="steps",
-            logging_steps=1,
-            report_to="none",
-            push_to_hub=False,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-            label_names=["labels"],
-        )
-        try:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=tok, callbacks=[Watch()])
-            for printer in (PrinterCallback, ProgressCallback):  # seal logs; only its CLI prints
-                trainer.remove_callback(printer)
-            trainer.train()
-            steps = trainer.state.global_step
-            del trainer
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+    model.set_adapter(adapter, inference_mode=True)
+    wanted = {id(p) for p in lora._lora_params(model, adapter).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    args = SFTConfig(
+        output_dir=out_dir,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        accelerator_config={"split_batches": processes > 1},  # the global batch is cfg.batch_size rows
+        average_tokens_across_devices=True,
+        max_length=cfg.max_length,
+        packing=False,
+        completion_only_loss=True,
+        activation_checkpointing=False,  # TRL turns it on by default; a LoRA on a small model needs no saving
+        bf16=False,
+        fp16=False,
+        use_cpu=on_cpu,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,
+        label_names=["labels"],
+    )
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, callbacks=[Watch()])
+        for printer in (PrinterCallback, ProgressCallback):  # seal logs; only its CLI prints
+            trainer.remove_callback(printer)
+        trainer.train()
+        steps = trainer.state.global_step
+        del trainer
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     if not losses:
         return SFTResult(steps, (), math.nan, time.perf_counter() - t0, stopped[0])
     last = math.ceil(losses[-1][0]) - 1  # the last epoch that ran (epochs count from 0)
     tail = [v for e, v in losses if e > last] or [losses[-1][1]]
     return SFTResult(steps, tuple(v for _, v in losses), sum(tail) / len(tail), time.perf_counter() - t0, stopped[0])
+
+
+def _sft_in_processes(learner: Learner, rows: list[dict], cfg: EditorConfig, adapter: str, on_event: OnEvent,
+                      should_stop: Callable[[], bool]) -> SFTResult:
+    """The SFT as a job of ``cfg.processes`` processes; ``adapter`` as it is now is the
+    parent. A stop kills the job and returns a stopped result, with ``adapter`` as it was."""
+    from .cluster.train_job import JobError, launch, write_sft_job
+
+    jobs = learner.registry.root.parent / "jobs"
+    shutil.rmtree(jobs / "editor", ignore_errors=True)  # what an interrupted round left
+    t0 = time.perf_counter()
+    folder = write_sft_job(jobs / "editor", learner.runtime.cfg, learner.lora_cfg, rows, cfg, learner.model, adapter)
+    on_event(Event("sft", ADVANCE, f"editor SFT in {cfg.processes} processes", done=0, total=None))
+    try:
+        out = launch(folder, cfg.processes, should_stop=should_stop)
+        if out["sha256"] is not None:
+            files.load(learner.model, adapter, folder / "adapter", expected_sha256=out["sha256"])
+    except JobError:
+        if should_stop():
+            return SFTResult(0, (), math.nan, time.perf_counter() - t0, True)
+        raise
+    finally:
+        shutil.rmtree(jobs / "editor", ignore_errors=True)
+        learner.model.set_adapter(KNOWLEDGE)
+    return SFTResult(out["steps"], tuple(out["losses"]), out["train_loss"], time.perf_counter() - t0, out["stopped"])
 
 
 # -------------------------------------------------------------- held-out reward

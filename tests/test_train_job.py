@@ -125,3 +125,69 @@ def test_a_sleep_trains_its_consolidation_in_two_processes(tiny_dir, tmp_path):
     a, b = lora.snapshot(one.model, KNOWLEDGE), lora.snapshot(two.model, KNOWLEDGE)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert not (tmp_path / "two" / "jobs").exists()
+
+
+ROWS = [{"prompt": f"Write a note about fact {i}.\n", "completion": f"Fact {i}: {q} {a}"}
+        for i, (q, a) in enumerate(TEXTS[:2] + TEXTS[3:])] * 2
+
+
+def test_the_editor_sft_in_two_processes_trains_what_one_process_trains(tiny_dir, tmp_path):
+    """The editor's SFT (trl's SFTTrainer) as a job of two processes: the same steps,
+    losses and weights as the SFT in the daemon's model (DDP sums what one process
+    computes; only float rounding differs)."""
+    from agent.editor import EditorConfig, sft_model
+
+    cfg = EditorConfig(epochs=2, lr=1e-2, batch_size=4, max_length=128, processes=2)
+    from agent.cluster.train_job import write_sft_job
+
+    model_cfg, rt, peft = _model(tiny_dir)
+    job = write_sft_job(tmp_path / "job", model_cfg, CFG, ROWS, cfg, peft, KNOWLEDGE)
+    alone = sft_model(peft, rt.tokenizer, ROWS, cfg, KNOWLEDGE)
+    want = lora.snapshot(peft, KNOWLEDGE)
+
+    got = launch(job, processes=2)
+    assert got["processes"] == 2 and got["steps"] == alone.steps == 4 and not got["stopped"]
+    assert got["losses"] == pytest.approx(list(alone.losses), rel=1e-3)
+    assert got["train_loss"] == pytest.approx(alone.train_loss, rel=1e-3)
+    _, _, other = _model(tiny_dir)
+    files.load(other, KNOWLEDGE, job / "adapter", expected_sha256=got["sha256"])
+    for k, w in lora.snapshot(other, KNOWLEDGE).items():
+        assert torch.allclose(w, want[k], atol=1e-4), k
+    assert any(w.abs().sum() > 0 for k, w in want.items() if "lora_B" in k)
+
+
+def test_editor_processes_runs_the_learners_sft_as_a_job(tiny_dir, tmp_path):
+    """editor.processes = 2 through ``agent.editor.sft``: the scratch adapter gets the
+    job's weights, the knowledge adapter is untouched and active, no job folder is left;
+    a stop returns a stopped result and leaves the scratch as it was."""
+    from adapters.names import TRIAL
+    from adapters.registry import AdapterRegistry
+    from agent.editor import EditorConfig, sft
+    from agent.learner import Learner
+    from store import Store
+    from tests.helpers import ALWAYS, FAST_WAKE, LEARNER_LORA
+
+    rt = Runtime.load(ModelConfig(path=str(tiny_dir), device="cpu", threads=1))
+    store = Store(tmp_path / "store.db")
+    learner = Learner(rt, store, AdapterRegistry(tmp_path / "adapters", store), LEARNER_LORA, ALWAYS, FAST_WAKE)
+    knowledge, scratch = lora.snapshot(learner.model, KNOWLEDGE), lora.snapshot(learner.model, TRIAL)
+    cfg = EditorConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128, processes=2)
+
+    stopped = sft(learner, ROWS, cfg, TRIAL, should_stop=lambda: True)
+    assert stopped.stopped and stopped.steps == 0
+    assert all(torch.equal(w, scratch[k]) for k, w in lora.snapshot(learner.model, TRIAL).items())
+
+    res = sft(learner, ROWS, cfg, TRIAL)
+    assert res.steps == 2 and not res.stopped and res.train_loss == res.train_loss
+    trained = lora.snapshot(learner.model, TRIAL)
+    assert not all(torch.equal(w, scratch[k]) for k, w in trained.items())
+    assert all(torch.equal(w, knowledge[k]) for k, w in lora.snapshot(learner.model, KNOWLEDGE).items())
+    assert learner.model.active_adapter == KNOWLEDGE
+    assert not (tmp_path / "jobs" / "editor").exists()
+
+
+def test_editor_processes_must_divide_the_batch():
+    from agent.editor import EditorConfig
+
+    with pytest.raises(ValueError, match="divide batch_size"):
+        EditorConfig(batch_size=4, processes=3)

@@ -9,12 +9,20 @@ process group: NCCL on GPUs, gloo on CPUs):
     python -m torch.distributed.run --standalone --nproc_per_node N -m agent.cluster.train_job JOB
     accelerate launch --multi_gpu --num_processes N -m agent.cluster.train_job JOB
 
-``JOB`` is a folder: ``job.json`` (the model, the LoRA config, the parent adapter's
-checksum), ``examples.pt`` (the training examples, teacher targets included) and the
-parent adapter folder ``parent/``. Every process loads the model and the parent
-(sha256 checked) and trains with ``lora.train(..., distributed=True)``: the same
-batches, each process a share of each, gradients summed, so the weights equal a
-single process's. Process 0 writes the trained adapter to ``JOB/adapter`` (a PEFT
+``JOB`` is a folder: ``job.json`` (its kind, the model, the LoRA config, the parent
+adapter's checksum), the data and the parent adapter folder ``parent/``. Every
+process loads the model and the parent (sha256 checked) and trains it:
+
+- ``lora`` (the sleep's consolidation): ``examples.pt``, the training examples with
+  their teacher targets, trained with ``lora.train(..., distributed=True)``: the same
+  batches, each process a share of each, gradients summed, so the weights equal a
+  single process's.
+- ``sft`` (the editor's ReST-EM step): ``rows.json``, prompt-completion rows, trained
+  with trl's SFTTrainer (``agent.editor.sft_model``), which runs on DDP under
+  torchrun: each step's rows split between the processes, the loss averaged over all
+  their tokens.
+
+Process 0 writes the trained adapter to ``JOB/adapter`` (a PEFT
 folder, written atomically) and ``result.json`` (its sha256 and the training figures)
 last, so a job that died has no result. The daemon reads the result and loads the
 adapter, checksum checked; the job never touches the store.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -54,7 +63,23 @@ def write_job(folder: Path, model: ModelConfig, lora_cfg: lora.LoraConfig, examp
     folder.mkdir(parents=True)
     sha = files.save(peft_model, adapter, folder / "parent")
     torch.save([dataclasses.asdict(e) for e in examples], folder / "examples.pt")
-    spec = {"model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg), "parent_sha256": sha}
+    spec = {"kind": "lora", "model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg),
+            "parent_sha256": sha}
+    (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return folder
+
+
+def write_sft_job(folder: Path, model: ModelConfig, lora_cfg: lora.LoraConfig, rows: list[dict], editor_cfg,
+                  peft_model, adapter: str) -> Path:
+    """A job that fine-tunes a copy of ``adapter`` on prompt-completion ``rows`` with
+    the editor's SFT (``editor_cfg``: an ``agent.editor.EditorConfig``). ``folder``
+    must not exist."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    sha = files.save(peft_model, adapter, folder / "parent")
+    (folder / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    spec = {"kind": "sft", "model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg),
+            "editor": dataclasses.asdict(editor_cfg), "parent_sha256": sha}
     (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
     return folder
 
@@ -81,18 +106,33 @@ def run_job(folder: Path) -> dict | None:
     runtime = Runtime.load(model_cfg)
     peft_model = lora.attach(runtime.model, lora_cfg, names=(KNOWLEDGE,))
     files.load(peft_model, KNOWLEDGE, folder / "parent", expected_sha256=spec["parent_sha256"])
-    result = lora.train(peft_model, runtime.tokenizer, _examples(folder), lora_cfg, adapter=KNOWLEDGE,
-                        distributed=state.num_processes > 1)
+    if spec.get("kind", "lora") == "sft":
+        out = _sft(folder, spec, peft_model, runtime.tokenizer, state.num_processes)
+    else:
+        result = lora.train(peft_model, runtime.tokenizer, _examples(folder), lora_cfg, adapter=KNOWLEDGE,
+                            distributed=state.num_processes > 1)
+        out = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+               "losses": list(result.losses), "final_loss": result.final_loss, "nan": result.nan}
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    out = {"processes": state.num_processes, "steps": result.steps, "tokens": result.tokens,
-           "seconds": result.seconds, "losses": list(result.losses), "final_loss": result.final_loss,
-           "nan": result.nan, "sha256": None if result.nan else files.save(peft_model, KNOWLEDGE, folder / "adapter")}
+    bad = out.get("nan") or not math.isfinite(out.get("train_loss", 0.0))
+    out |= {"processes": state.num_processes,
+            "sha256": None if bad else files.save(peft_model, KNOWLEDGE, folder / "adapter")}
     tmp = folder / (RESULT + ".tmp")
     tmp.write_text(json.dumps(out), encoding="utf-8")
     os.replace(tmp, folder / RESULT)  # last: a job with a result finished
     return out
+
+
+def _sft(folder: Path, spec: dict, peft_model, tok, processes: int) -> dict:
+    from ..editor import EditorConfig, sft_model
+
+    cfg = EditorConfig(**spec["editor"])
+    rows = json.loads((folder / "rows.json").read_text(encoding="utf-8"))
+    res = sft_model(peft_model, tok, rows, cfg, KNOWLEDGE, processes=processes)
+    return {"steps": res.steps, "losses": list(res.losses), "train_loss": res.train_loss,
+            "seconds": res.seconds, "stopped": res.stopped}
 
 
 def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = lambda: False,
