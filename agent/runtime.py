@@ -468,6 +468,46 @@ def tiny_runtime(cfg: ModelConfig, seed: int = 0) -> Runtime:
     return Runtime(tiny_llama(tok, seed), tok, name="tiny")
 
 
+# Llama-shaped models to measure speed with, randomly initialised (no weights to
+# fetch): hidden size, MLP size, layers, attention heads, key/value heads, tied
+# embeddings, from each model's published config.json. The vocabulary is seal's
+# tokenizer's, whatever the model's own.
+SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "smollm2-135m": (576, 1536, 30, 9, 3, True),
+    "smollm2-360m": (960, 2560, 32, 15, 5, True),
+    "smollm2-1.7b": (2048, 8192, 24, 32, 32, True),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, True),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, True),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, False),
+}
+
+
+def shaped_runtime(cfg: ModelConfig, shape: str, seed: int = 0) -> Runtime:
+    """A Runtime on a randomly initialised Llama of one of ``SHAPES``, built on the
+    configured device and dtype with the configured model's tokenizer: the speed of a
+    larger model without its weights (a random model rarely stops early, so every
+    generation runs to its token limit: an upper bound on generation time)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise ModelError(f"unknown model shape {shape!r} (one of {', '.join(SHAPES)})")
+    hidden, mlp, layers, heads, kv, tied = SHAPES[shape]
+    device, dtype = _pick_device(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    tok = load_tokenizer(cfg)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
+        tie_word_embeddings=tied, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return Runtime(model.eval(), tok, name=f"random-{shape}", cfg=cfg)
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Only the tokenizer (for counting tokens at ingest time, without the weights)."""
     from transformers import AutoTokenizer

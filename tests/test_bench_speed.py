@@ -97,6 +97,7 @@ def test_both_runs_end_to_end_write_every_step_and_show_prints_them(seal, tiny_d
     (("--epochs", "0"), "--epochs must be at least 1"),
     (("--pad-to", "1"), "--pad-to must be at least 2"),
     (("--data", "/nonexistent/squad.json"), "no such file"),
+    (("--shape", "gpt-5"), "--shape: unknown shape 'gpt-5'"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(seal, args, message):
     r = seal("bench", "speed", *args)
@@ -265,3 +266,25 @@ def test_a_cpu_runtime_uses_few_rows_linear_and_generates_as_before(tokenizer):
     prompts = [rt.chat(f"Question {i}?") for i in range(3)]
     assert [g.text for g in rt.generate(prompts, max_new_tokens=8)] == \
         [g.text for g in before.generate(prompts, max_new_tokens=8)]
+
+
+@pytest.mark.real_model
+def test_a_shaped_model_has_the_architecture_of_the_real_one():
+    """``--shape smollm2-135m`` is, randomly initialised, the default model's
+    architecture (its config.json's sizes), so its speed is the real model's; a larger
+    shape is larger."""
+    from transformers import AutoConfig
+
+    from agent.runtime import SHAPES, ModelConfig, resolve_model_dir, shaped_runtime
+
+    cfg = ModelConfig(device="cpu")
+    real = AutoConfig.from_pretrained(str(resolve_model_dir(cfg)[0]))
+    assert SHAPES["smollm2-135m"] == (real.hidden_size, real.intermediate_size, real.num_hidden_layers,
+                                      real.num_attention_heads, real.num_key_value_heads, real.tie_word_embeddings)
+    shaped = shaped_runtime(cfg, "smollm2-135m")
+    assert shaped.name == "random-smollm2-135m"
+    assert shaped.model.config.vocab_size == real.vocab_size
+    n = sum(p.numel() for p in shaped.model.parameters())
+    assert 1.3e8 < n < 1.4e8
+    bigger = shaped_runtime(cfg, "smollm2-360m")
+    assert 3.5e8 < sum(p.numel() for p in bigger.model.parameters()) < 3.7e8

@@ -387,19 +387,32 @@ def _print_continual(result: dict) -> None:
               help="instead: trials per second of the local runner and of a Ray pool of --workers actors")
 @click.option("--workers", default="1,2,4", show_default=True, help="with --runner ray: the pool sizes, comma-separated")
 @click.option("--trials", default=4, show_default=True, type=click.IntRange(min=1), help="with --runner: trials each runner runs")
+@click.option("--shape", help="instead of the configured model, a randomly initialised Llama of this shape "
+                               "(smollm2-135m, smollm2-360m, smollm2-1.7b, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) "
+                               "on the configured device and dtype: the speed of a larger model without its weights")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON result (default: bench-out/speed-<model>-<seed>.json)")
 @pass_app
 def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidates: int | None, epochs: int | None,
-                pad_to: int, matmul_n: int, runner: str | None, workers: str, trials: int, out_path: str | None) -> None:
+                pad_to: int, matmul_n: int, runner: str | None, workers: str, trials: int, shape: str | None,
+                out_path: str | None) -> None:
     """One wake cycle step by step (time, tokens, FLOP/s against the machine's measured
     matmul FLOP/s, peak memory), beside the same cycle with SEAL's reference settings.
     With --runner ray: trials per second locally and on Ray pools of K actors."""
     from .common import DEFAULT_DATA
     from .speed import SpeedError, dumps, run_speed
 
+    make_runtime = None
+    if shape is not None:
+        from functools import partial
+
+        from ..runtime import SHAPES, shaped_runtime
+
+        if shape not in SHAPES:
+            fail(f"--shape: unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+        make_runtime = partial(shaped_runtime, app.cfg.model, shape, seed)
     if runner:
         return _bench_runners(app, Path(data_path) if data_path else DEFAULT_DATA, seed, split, workers, trials,
-                              out_path)
+                              out_path, make_runtime)
 
     for name, value, least in (("--candidates", candidates, 1), ("--epochs", epochs, 1), ("--pad-to", pad_to, 2),
                                ("--matmul-size", matmul_n, 16)):
@@ -408,22 +421,35 @@ def bench_speed(app: App, data_path: str | None, seed: int, split: str, candidat
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
         fail(f"{path}: no such file (use --data)")
+    runtime = _speed_runtime(app, make_runtime)
     with _progress(2) as (say, tick):
         try:  # two runs: optimised, then reference
-            result = run_speed(app.runtime, app.cfg, data_path=path, seed=seed, split=split, candidates=candidates,
+            result = run_speed(runtime, app.cfg, data_path=path, seed=seed, split=split, candidates=candidates,
                                epochs=epochs, pad_to=pad_to, matmul_n=matmul_n, say=say,
                                on_mode=lambda m: tick(1, 2) if m == "reference" else None)
         except SpeedError as e:
             fail(str(e))
-    target = Path(out_path) if out_path else Path("bench-out") / f"speed-{app.runtime.name}-{seed}.json"
+    target = Path(out_path) if out_path else Path("bench-out") / f"speed-{runtime.name}-{seed}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(dumps(result), encoding="utf-8")
     _print_speed(result)
     click.echo(f"wrote {target}")
 
 
+def _speed_runtime(app: App, make_runtime=None):
+    """The configured model, or the shaped one ``make_runtime`` builds."""
+    from ..runtime import ModelError
+
+    if make_runtime is None:
+        return app.runtime
+    try:
+        return make_runtime()
+    except ModelError as e:
+        fail(str(e))
+
+
 def _bench_runners(app: App, path: Path, seed: int, split: str, workers: str, trials: int,
-                   out_path: str | None) -> None:
+                   out_path: str | None, make_runtime=None) -> None:
     try:
         ks = tuple(int(k) for k in workers.split(","))
     except ValueError:
@@ -447,10 +473,11 @@ def _bench_runners(app: App, path: Path, seed: int, split: str, workers: str, tr
                 started.append(message)
             say(message)
 
-        result = run_runners(app.runtime, app.cfg, default_runtime(app.cfg), data_path=path, trials=trials,
+        runtime = _speed_runtime(app, make_runtime)
+        result = run_runners(runtime, app.cfg, make_runtime or default_runtime(app.cfg), data_path=path, trials=trials,
                              workers=ks, seed=seed, split=split, address=app.cfg.runner.address, say=step)
         tick(1 + len(ks), 1 + len(ks))
-    target = Path(out_path) if out_path else Path("bench-out") / f"runners-{app.runtime.name}-{seed}.json"
+    target = Path(out_path) if out_path else Path("bench-out") / f"runners-{runtime.name}-{seed}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1), encoding="utf-8")
     _print_pieces(render(result))
