@@ -313,7 +313,7 @@ def test_real_model_the_api_answers_from_what_it_learned_and_the_base_does_not(r
     store = Store(home / "store.db")
     base_model = real_runtime.model
     learner = Learner(real_runtime, store, AdapterRegistry(home / "adapters", store), LoraConfig(), PolicyConfig(),
-                      WakeConfig())
+                      WakeConfig(track=False))  # the forgetting measurements are not this test's
     question = "What is the name of the only town on the Isle of Brenmoor?"
     try:
         store.ingest([document(*INVENTED[:2], [(question, "Quorrin")])])

@@ -559,6 +559,8 @@ def _perturbed(key: str, value: object) -> str | None:
         return "v_proj,q_proj"
     if key == "distill.goldfish":  # 0 (off) or >= 2
         return str(value + 2)
+    if key == "editor.batch_size":  # editor.processes (+1 = 2) must divide it
+        return str(value * 2)
     if isinstance(value, bool):
         return str(not value).lower()
     if isinstance(value, int):
