@@ -105,7 +105,7 @@ def test_the_wake_cycle_hands_specs_to_its_runner_and_commits_the_chosen_folder(
 
 def test_the_gpu_example_config_loads_and_its_ray_lines_too(tmp_path):
     """examples/seal-gpu.toml (a 1-8B model on one GPU, SEAL's LoRA shape) is a valid
-    seal.toml, and so it is with its Ray lines uncommented."""
+    seal.toml, and so it is with its Ray and multi-GPU lines uncommented."""
     from agent.config import load_config
     from tests.helpers import REPO
 
@@ -121,3 +121,4 @@ def test_the_gpu_example_config_loads_and_its_ray_lines_too(tmp_path):
     (tmp_path / "seal.toml").write_text(ray_on)
     cfg = load_config(tmp_path)
     assert (cfg.runner.kind, cfg.runner.workers, cfg.runner.gpus_per_worker) == ("ray", 2, 0.5)
+    assert (cfg.sleep.processes, cfg.editor.processes) == (2, 2)
