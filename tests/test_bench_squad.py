@@ -271,3 +271,21 @@ def test_candidate_ranking_says_how_often_each_reward_picked_the_candidate_bette
     assert got["answer_logprob"] | {"spearman_within_passage": None} == {
         "trials": 6, "spearman_within_passage": None, "picked_best": 1, "tied": 0, "passages_decided": 2}
     assert got["qa_accuracy"]["picked_best"] == 1 and got["qa_accuracy"]["tied"] == 1
+
+
+def test_perfect_pick_is_the_probe_accuracy_of_the_best_candidate_on_each_passage():
+    from agent.bench.squad import perfect_pick
+
+    def record(n_probe, correct, failed=()):
+        return {"n_probe": n_probe,
+                "trials": [{"policy": p, "ok": p not in failed} for p in correct],
+                "conditions": {p: {"correct": c} for p, c in correct.items() if p != "rewrite"}}
+
+    result = {"per_passage": [
+        record(3, {"passage": [1, 0, 0], "passage_chat": [0, 1, 1]}),  # passage_chat: 2 of 3
+        record(2, {"passage": [1, 1], "passage_chat": [0, 0]}),  # passage: 2 of 2
+        record(2, {"passage": [0, 1], "passage_chat": [1, 1]}, failed=("passage_chat",)),  # a failed trial: 1
+        record(1, {"passage": [0], "rewrite": [1]}),  # rewrite has no row: left out
+    ]}
+    assert perfect_pick(result) == {"accuracy": 5 / 8, "questions": 8, "passages_compared": 2}
+    assert perfect_pick({"per_passage": [record(1, {"passage": [1]})]}) is None  # nothing to choose between

@@ -256,8 +256,13 @@ def _print_squad(result: dict) -> None:
                   f"tied on {r['tied']}" if "picked_best" in r else "")
         click.echo(f"reward {name}: Spearman with probe accuracy {fmt(r['spearman'])} over {r['trials']} trials, "
                    f"{fmt(r['spearman_within_passage'])} within passages{picked}")
-    from .squad import candidate_ranking
+    from .squad import candidate_ranking, perfect_pick
 
+    ceiling, default = perfect_pick(result), {r["condition"]: r for r in result["rows"]}.get("default")
+    if ceiling and default:
+        click.echo(f"a perfect pick among the default's candidates (the probes as the reward: a ceiling): "
+                   f"{100 * ceiling['accuracy']:.1f}% of {ceiling['questions']} questions, against the default's "
+                   f"{100 * default['accuracy']:.1f}%")
     for name, r in candidate_ranking(result).items():
         rho = "n/a" if r["spearman_within_passage"] is None else f"{r['spearman_within_passage']:+.2f}"
         click.echo(f"selection by {name}: of {r['passages_decided']} passages whose candidates differed on the "

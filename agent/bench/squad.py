@@ -165,6 +165,25 @@ def candidate_ranking(result: dict) -> dict:
     return out
 
 
+def perfect_pick(result: dict) -> dict | None:
+    """The ceiling of selection: the probe accuracy of the default row had it picked,
+    on every passage, the candidate that answered the most probe questions (the probes
+    as the reward, which no real reward sees). Over the candidates with a row of their
+    own, as ``candidate_ranking``; None when no passage had two of them."""
+    right = total = compared = 0
+    for r in result.get("per_passage", []):
+        n = r.get("n_probe") or 0
+        got = [sum(r["conditions"][t["policy"]]["correct"]) for t in r.get("trials", [])
+               if t.get("ok") and t["policy"] in r["conditions"]]
+        if not got or not n:
+            continue
+        compared += len(got) > 1
+        right, total = right + max(got), total + n
+    if not compared or not total:
+        return None
+    return {"accuracy": right / total, "questions": total, "passages_compared": compared}
+
+
 def _share(memos: list[dict | None]) -> float | None:
     """Share of passages whose 32-token continuation came back verbatim."""
     got = [m["exact"] for m in memos if m and m.get("exact") is not None]
