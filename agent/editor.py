@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adapters import files, lora
+from adapters import lora
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
 from policies import self_edit as self_edits
 from policies.reward import relative_to
@@ -303,23 +303,19 @@ def _sft_in_processes(learner: Learner, rows: list[dict], cfg: EditorConfig, ada
                       should_stop: Callable[[], bool]) -> SFTResult:
     """The SFT as a job of ``cfg.processes`` processes; ``adapter`` as it is now is the
     parent. A stop kills the job and returns a stopped result, with ``adapter`` as it was."""
-    from .cluster.train_job import JobError, launch, write_sft_job
+    from .cluster.train_job import JobError, train_into, write_sft_job
 
-    jobs = learner.registry.root.parent / "jobs"
-    shutil.rmtree(jobs / "editor", ignore_errors=True)  # what an interrupted round left
     t0 = time.perf_counter()
-    folder = write_sft_job(jobs / "editor", learner.runtime.cfg, learner.lora_cfg, rows, cfg, learner.model, adapter)
+    folder = write_sft_job(learner.registry.root.parent / "jobs" / "editor", learner.runtime.cfg, learner.lora_cfg,
+                           rows, cfg, learner.model, adapter)
     on_event(Event("sft", ADVANCE, f"editor SFT in {cfg.processes} processes", done=0, total=None))
     try:
-        out = launch(folder, cfg.processes, should_stop=should_stop)
-        if out["sha256"] is not None:
-            files.load(learner.model, adapter, folder / "adapter", expected_sha256=out["sha256"])
+        out = train_into(folder, cfg.processes, learner.model, adapter, should_stop=should_stop)
     except JobError:
         if should_stop():
             return SFTResult(0, (), math.nan, time.perf_counter() - t0, True)
         raise
     finally:
-        shutil.rmtree(jobs / "editor", ignore_errors=True)
         learner.model.set_adapter(KNOWLEDGE)
     return SFTResult(out["steps"], tuple(out["losses"]), out["train_loss"], time.perf_counter() - t0, out["stopped"])
 

@@ -449,16 +449,24 @@ def tiny_llama(tokenizer, seed: int = 0):
     """A 2-layer, 16-wide Llama, randomly initialised, with ``tokenizer``'s vocabulary:
     for tests and for benchmarks where the model is not the point (TRL's habit: built
     from a config, never fetched)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+    return LlamaForCausalLM(_llama_config(tokenizer, (16, 32, 2, 2, 1, True), max_positions=2048)).eval()
+
+
+def _llama_config(tokenizer, shape: tuple[int, int, int, int, int, bool], max_positions: int):
+    """A Llama config of ``shape`` (hidden, MLP, layers, heads, key/value heads, tied
+    embeddings) with ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    hidden, mlp, layers, heads, kv, tied = shape
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_positions,
+        tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_runtime(cfg: ModelConfig, seed: int = 0) -> Runtime:
@@ -487,24 +495,17 @@ def shaped_runtime(cfg: ModelConfig, shape: str, seed: int = 0) -> Runtime:
     configured device and dtype with the configured model's tokenizer: the speed of a
     larger model without its weights (a random model rarely stops early, so every
     generation runs to its token limit: an upper bound on generation time)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if shape not in SHAPES:
         raise ModelError(f"unknown model shape {shape!r} (one of {', '.join(SHAPES)})")
-    hidden, mlp, layers, heads, kv, tied = SHAPES[shape]
     device, dtype = _pick_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     tok = load_tokenizer(cfg)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
-        tie_word_embeddings=tied, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = LlamaForCausalLM._from_config(_llama_config(tok, SHAPES[shape], max_positions=8192), dtype=dtype)
     return Runtime(model.eval(), tok, name=f"random-{shape}", cfg=cfg)
 
 

@@ -16,12 +16,11 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapters import files, lora
+from adapters import lora
 from adapters.lora import Example
 from adapters.merge import merge_into
 from adapters.names import EDITOR, KNOWLEDGE, TRIAL
@@ -260,23 +259,18 @@ def _train_in_processes(learner, examples: list, train_cfg: lora.LoraConfig, pro
                         should_stop: Callable[[], bool]) -> lora.TrainResult:
     """The consolidation as a data-parallel job of ``processes`` processes
     (``agent.cluster.train_job``: the knowledge adapter as it is now is the parent); its
-    adapter is loaded into the scratch adapter, checksum checked. The job's folder is
-    removed afterwards."""
-    from .cluster.train_job import JobError, launch, write_job
+    adapter is loaded into the scratch adapter, checksum checked."""
+    from .cluster.train_job import JobError, train_into, write_job
 
-    jobs = learner.registry.root.parent / "jobs"
-    shutil.rmtree(jobs, ignore_errors=True)  # what an earlier, interrupted sleep left
-    folder = write_job(jobs / "sleep", learner.runtime.cfg, train_cfg, examples, learner.model, KNOWLEDGE)
+    folder = write_job(learner.registry.root.parent / "jobs" / "sleep", learner.runtime.cfg, train_cfg, examples,
+                       learner.model, KNOWLEDGE)
     try:
-        out = launch(folder, processes, should_stop=should_stop)
-        if not out["nan"]:
-            files.load(learner.model, TRIAL, folder / "adapter", expected_sha256=out["sha256"])
+        out = train_into(folder, processes, learner.model, TRIAL, should_stop=should_stop)
     except JobError as e:
         if should_stop():
             raise Abandoned(str(e)) from None
         raise
     finally:
-        shutil.rmtree(jobs, ignore_errors=True)
         learner.model.set_adapter(KNOWLEDGE)
     return lora.TrainResult(steps=out["steps"], tokens=out["tokens"], seconds=out["seconds"],
                             losses=tuple(out["losses"]), final_loss=out["final_loss"], nan=out["nan"])

@@ -289,7 +289,7 @@ def bench_continual(app: App, data_path: str | None, passages: int, sleep_every:
                     split: str, conditions: str, out_path: str | None, resume: bool) -> None:
     """Learn passages in sequence; the forgetting matrix with and without sleep and dreams."""
     from .common import DEFAULT_DATA
-    from .continual import CONDITIONS, dumps, plot, run_continual
+    from .continual import CONDITIONS, dumps, finished_sequences, plot, run_continual
 
     path = Path(data_path) if data_path else DEFAULT_DATA
     if not path.is_file():
@@ -313,7 +313,7 @@ def bench_continual(app: App, data_path: str | None, passages: int, sleep_every:
         tmp.replace(target)
 
     shared = min(sleep_every, passages)
-    kept = len({r["sequence"] for r in (previous or {}).get("runs", [])})
+    kept = len(finished_sequences((previous or {}).get("runs", []), conds))
     steps = max(1, sequences - kept) * (shared + len(conds) * (passages - shared))
     with _progress(steps) as (say, tick):
         done = [0]

@@ -128,8 +128,7 @@ def run_continual(
     if any(f.name == "track" for f in dataclasses.fields(wake_cfg)):
         wake_cfg = dataclasses.replace(wake_cfg, track=False)  # the benchmark measures everything itself
     runs: list[dict] = _resumable(previous, data_id(data_path), passages, sleep_every, seed, split, conditions)
-    finished = {k for k in {r["sequence"] for r in runs}
-                if {r["condition"] for r in runs if r["sequence"] == k} >= set(conditions)}
+    finished = finished_sequences(runs, conditions)
     runs = [r for r in runs if r["sequence"] in finished]
     root = Path(tempfile.mkdtemp(prefix="seal-continual-"))
     learner: Learner | None = None
@@ -204,6 +203,12 @@ def run_continual(
         learner.store = None
     shutil.rmtree(root, ignore_errors=True)
     return result()
+
+
+def finished_sequences(runs: list[dict], conditions) -> set[int]:
+    """The sequences of ``runs`` that have every one of ``conditions``."""
+    return {k for k in {r["sequence"] for r in runs}
+            if {r["condition"] for r in runs if r["sequence"] == k} >= set(conditions)}
 
 
 def _resumable(previous: dict | None, data: str, passages: int, sleep_every: int, seed: int, split: str,

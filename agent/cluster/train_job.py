@@ -30,10 +30,12 @@ adapter, checksum checked; the job never touches the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,32 +57,35 @@ class JobError(RuntimeError):
     """The job could not run or did not finish."""
 
 
+def _new_job(folder: Path, kind: str, model: ModelConfig, lora_cfg: lora.LoraConfig, peft_model, adapter: str,
+             **extra) -> Path:
+    """The job folder with its parent (``adapter`` of ``peft_model`` as it is now) and
+    ``job.json``; a folder an interrupted job left at the same place is replaced."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sha = files.save(peft_model, adapter, folder / "parent")
+    spec = {"kind": kind, "model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg),
+            "parent_sha256": sha, **extra}
+    (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return folder
+
+
 def write_job(folder: Path, model: ModelConfig, lora_cfg: lora.LoraConfig, examples: list[lora.Example],
               peft_model, adapter: str) -> Path:
     """A job that trains a copy of ``adapter`` (of ``peft_model``, as it is now) on
-    ``examples``. ``folder`` must not exist."""
-    folder = Path(folder)
-    folder.mkdir(parents=True)
-    sha = files.save(peft_model, adapter, folder / "parent")
+    ``examples``."""
+    folder = _new_job(folder, "lora", model, lora_cfg, peft_model, adapter)
     torch.save([dataclasses.asdict(e) for e in examples], folder / "examples.pt")
-    spec = {"kind": "lora", "model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg),
-            "parent_sha256": sha}
-    (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
     return folder
 
 
 def write_sft_job(folder: Path, model: ModelConfig, lora_cfg: lora.LoraConfig, rows: list[dict], editor_cfg,
                   peft_model, adapter: str) -> Path:
     """A job that fine-tunes a copy of ``adapter`` on prompt-completion ``rows`` with
-    the editor's SFT (``editor_cfg``: an ``agent.editor.EditorConfig``). ``folder``
-    must not exist."""
-    folder = Path(folder)
-    folder.mkdir(parents=True)
-    sha = files.save(peft_model, adapter, folder / "parent")
+    the editor's SFT (``editor_cfg``: an ``agent.editor.EditorConfig``)."""
+    folder = _new_job(folder, "sft", model, lora_cfg, peft_model, adapter, editor=dataclasses.asdict(editor_cfg))
     (folder / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
-    spec = {"kind": "sft", "model": dataclasses.asdict(model), "lora": dataclasses.asdict(lora_cfg),
-            "editor": dataclasses.asdict(editor_cfg), "parent_sha256": sha}
-    (folder / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
     return folder
 
 
@@ -116,9 +121,8 @@ def run_job(folder: Path) -> dict | None:
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    bad = out.get("nan") or not math.isfinite(out.get("train_loss", 0.0))
     out |= {"processes": state.num_processes,
-            "sha256": None if bad else files.save(peft_model, KNOWLEDGE, folder / "adapter")}
+            "sha256": None if out["nan"] else files.save(peft_model, KNOWLEDGE, folder / "adapter")}
     tmp = folder / (RESULT + ".tmp")
     tmp.write_text(json.dumps(out), encoding="utf-8")
     os.replace(tmp, folder / RESULT)  # last: a job with a result finished
@@ -132,7 +136,7 @@ def _sft(folder: Path, spec: dict, peft_model, tok, processes: int) -> dict:
     rows = json.loads((folder / "rows.json").read_text(encoding="utf-8"))
     res = sft_model(peft_model, tok, rows, cfg, KNOWLEDGE, processes=processes)
     return {"steps": res.steps, "losses": list(res.losses), "train_loss": res.train_loss,
-            "seconds": res.seconds, "stopped": res.stopped}
+            "seconds": res.seconds, "stopped": res.stopped, "nan": not math.isfinite(res.train_loss)}
 
 
 def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = lambda: False,
@@ -164,6 +168,23 @@ def launch(folder: Path, processes: int, *, should_stop: Callable[[], bool] = la
         why = errors[0] if errors else (lines[-1] if lines else "no output")
         raise JobError(f"training job exited with status {proc.returncode}: {why.strip()}")
     return json.loads(result.read_text(encoding="utf-8"))
+
+
+def train_into(folder: Path, processes: int, peft_model, adapter: str, *,
+               should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Run the job (``launch``) and load its adapter into ``adapter`` of ``peft_model``,
+    checksum checked (a job whose loss was not finite leaves ``adapter`` as it was).
+    The job's folder is removed afterwards, and its parent folder when that is empty."""
+    folder = Path(folder)
+    try:
+        out = launch(folder, processes, should_stop=should_stop)
+        if out["sha256"] is not None:
+            files.load(peft_model, adapter, folder / "adapter", expected_sha256=out["sha256"])
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
